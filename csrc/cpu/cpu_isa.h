@@ -1,0 +1,21 @@
+// Run-time choice of the CPU instruction set for the row loops.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace kdfast {
+namespace cpu {
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+const char* isa_name(Isa isa);
+// Instruction sets this CPU can run, best first.
+std::vector<Isa> supported_isas();
+// The best supported one, or the one KDFAST_CPU_ISA names (baseline, avx2, avx512; auto or
+// unset = best). Read on every call so tests can switch paths within one process; naming an
+// instruction set this CPU lacks raises instead of crashing with SIGILL.
+Isa selected_isa();
+
+}  // namespace cpu
+}  // namespace kdfast

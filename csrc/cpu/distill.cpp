@@ -1,0 +1,121 @@
+// CPU implementation of kdfast::distill_fwd / distill_fwd_inplace: argument preparation,
+// instruction-set dispatch and threading over rows. The row math lives in csrc/cpu/rows.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../op_common.h"
+#include "cpu_isa.h"
+#include "kdfast/cpu_rows_api.h"
+
+namespace kdfast {
+namespace cpu {
+namespace {
+
+using RunRows = int64_t (*)(const RowsArgs&, int64_t, int64_t, void*);
+
+RunRows rows_fn(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return avx512::run_rows;
+    case Isa::kAvx2: return avx2::run_rows;
+    default: return baseline::run_rows;
+  }
+}
+
+int32_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DT_F32;
+    case at::kBFloat16: return DT_BF16;
+    case at::kHalf: return DT_F16;
+    default: return DT_F64;
+  }
+}
+
+// Runs the rows across threads. `grad` may be undefined (no gradient wanted).
+at::Tensor run(const PreparedInputs& in, const at::Tensor& grad) {
+  at::Tensor loss_rows = at::empty({in.n_rows}, in.student.options().dtype(loss_dtype(in.student)));
+  if (in.n_rows == 0) return loss_rows;
+
+  RowsArgs args{};
+  args.student = in.student.data_ptr();
+  args.student_row_stride = in.student.stride(0);
+  args.teacher = in.teacher.data_ptr();
+  args.teacher_row_stride = in.teacher.stride(0);
+  args.target = in.target.defined() ? in.target.data_ptr<int64_t>() : nullptr;
+  args.target_stride = in.target.defined() ? in.target.stride(0) : 0;
+  args.loss_rows = loss_rows.data_ptr();
+  args.grad = grad.defined() ? grad.data_ptr() : nullptr;
+  args.grad_row_stride = grad.defined() ? grad.stride(0) : 0;
+  args.n_rows = in.n_rows;
+  args.n_cols = in.n_cols;
+  args.student_dtype = dtype_code(in.student.scalar_type());
+  args.teacher_dtype = dtype_code(in.teacher.scalar_type());
+  args.params = in.params;
+
+  const RunRows fn = rows_fn(selected_isa());
+  const size_t elem = in.student.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
+  const int64_t scratch_bytes = scratch_elems(in.n_cols) * static_cast<int64_t>(elem);
+  // Enough rows per task that thread hand-off stays small next to the row work (MNIST's
+  // C = 10 rows take nanoseconds each).
+  const int64_t grain = std::max<int64_t>(1, 32768 / in.n_cols);
+  std::atomic<int64_t> first_bad{in.n_rows};
+  std::atomic<int> unsupported{0};
+  at::parallel_for(0, in.n_rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<char> scratch(static_cast<size_t>(scratch_bytes) + 64);
+    void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    const int64_t bad = fn(args, begin, end, aligned);
+    if (bad == -2) unsupported = 1;
+    int64_t seen = first_bad.load();
+    while (bad >= 0 && bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+    }
+  });
+  TORCH_CHECK(!unsupported, "kdfast: unsupported dtype pair ", in.student.scalar_type(), "/",
+              in.teacher.scalar_type());
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK_VALUE(bad == in.n_rows, "target[", bad, "] = ", in.target[bad].item<int64_t>(),
+                    " is out of range: expected a class index in [0, ", in.n_cols,
+                    ") or ignore_index=", in.params.ignore_index);
+  return loss_rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_fwd_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const c10::optional<at::Tensor>& target, double temperature, double alpha,
+    c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
+    bool scale_by_t2, bool compute_grad) {
+  const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
+                                           alpha, kind, beta, ignore_index, label_smoothing,
+                                           scale_by_t2, /*inplace=*/false);
+  at::Tensor grad = compute_grad
+                        ? at::empty({in.n_rows, in.n_cols}, in.student.options().dtype(grad_dtype(in.student)))
+                        : at::empty({0}, in.student.options().dtype(grad_dtype(in.student)));
+  at::Tensor loss_rows = run(in, compute_grad ? grad : at::Tensor());
+  return {loss_rows, grad};
+}
+
+at::Tensor distill_fwd_inplace_cpu(
+    at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const c10::optional<at::Tensor>& target, double temperature, double alpha,
+    c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
+    bool scale_by_t2) {
+  const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
+                                           alpha, kind, beta, ignore_index, label_smoothing,
+                                           scale_by_t2, /*inplace=*/true);
+  return run(in, student_logits);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("distill_fwd", &distill_fwd_cpu);
+  m.impl("distill_fwd_inplace", &distill_fwd_inplace_cpu);
+}
+
+}  // namespace cpu
+}  // namespace kdfast

@@ -1,0 +1,43 @@
+// The interface between the torch-facing CPU op (csrc/cpu/distill.cpp) and the row loops,
+// which are compiled once per instruction set (csrc/cpu/isa/). Plain C++: no torch types.
+#pragma once
+
+#include <stdint.h>
+
+#include "kdfast/kd_math.h"
+
+namespace kdfast {
+namespace cpu {
+
+enum DType : int32_t { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
+
+struct RowsArgs {
+  const void* student;         // (N, C), unit stride along C
+  int64_t student_row_stride;  // in elements
+  const void* teacher;
+  int64_t teacher_row_stride;
+  const int64_t* target;       // (N,) or nullptr when params.has_target == 0
+  int64_t target_stride;
+  void* loss_rows;             // (N,) of the accumulation type: float, or double for DT_F64
+  void* grad;                  // (N, C) or nullptr to skip the gradient; dtype: see run_rows
+  int64_t grad_row_stride;
+  int64_t n_rows, n_cols;
+  int32_t student_dtype, teacher_dtype;
+  math::Params params;
+};
+
+// Elements of scratch (of the accumulation type) one thread needs for rows of n_cols.
+inline int64_t scratch_elems(int64_t n_cols) { return 5 * n_cols; }
+
+// Processes rows [begin, end). Returns -1 on success, the index of the first row whose target
+// is outside [0, C) and not ignore_index, or -2 for an unsupported dtype pair (float64 must be
+// paired with float64).
+#define KDFAST_DECLARE_ISA(ns) \
+  namespace ns { int64_t run_rows(const RowsArgs& args, int64_t begin, int64_t end, void* scratch); }
+KDFAST_DECLARE_ISA(baseline)
+KDFAST_DECLARE_ISA(avx2)
+KDFAST_DECLARE_ISA(avx512)
+#undef KDFAST_DECLARE_ISA
+
+}  // namespace cpu
+}  // namespace kdfast

@@ -1,0 +1,207 @@
+// Per-row distillation math shared by the CPU and CUDA kernels.
+//
+// Everything here is a plain inline function on scalars, callable from host and device, so
+// the CPU tests exercise the exact arithmetic the CUDA kernel runs. The kernels own only the
+// loops (SIMD lanes on the CPU, threads on the GPU) and the reductions between the passes.
+//
+// Notation for one row of C classes, s = student logits, t = teacher logits, T = temperature:
+//   a = s/T, b = t/T, q = softmax(a), p = softmax(b), r = softmax(s).
+// Pass 1 (stats):     max(s), max(t), sum(s) (for label smoothing); no exps.
+// Pass 2 (normalize): e_a = exp(a - max a), e_b = exp(b - max b), e_s = exp(s - max s), and
+//                     their row sums; the exps are stashed in per-row scratch.
+// Pass 3 (loss+grad): per-element soft term and gradient from the stashed exps, no new exps
+//                     for "kl". "reverse_kl"/"jsd" need the row's soft loss inside the
+//                     gradient, so pass 3 only reduces and pass 4 writes the gradient.
+// Exps per element: kl 3 (2 when T == 1, when alpha == 1, or with no target),
+//                   reverse_kl the same, jsd the same + 1 exp + 1 log (log-space mixture).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define KD_HD __host__ __device__ __forceinline__
+#else
+#define KD_HD inline __attribute__((always_inline))
+#endif
+
+namespace kdfast {
+namespace math {
+
+enum Kind : int32_t { KIND_KL = 0, KIND_REVERSE_KL = 1, KIND_JSD = 2 };
+
+// Scalar parameters of one call, resolved on the host (see make_params).
+struct Params {
+  int32_t kind;
+  int32_t has_target;      // 0: unlabeled transfer set, every row is soft-only
+  int64_t ignore_index;
+  double temperature;
+  double inv_temperature;
+  double soft_coef;        // weight of soft_i in loss_i: alpha * T^2 (or alpha), 1 w/o target
+  double soft_grad_coef;   // soft_coef / T: d(a)/d(s) = 1/T
+  double hard_coef;        // weight of hard_i: 1 - alpha, 0 w/o target
+  double beta;             // jsd mixture weight of the teacher
+  double log_beta, log1m_beta;
+  double smoothing;        // label smoothing epsilon
+  int32_t same_scale;      // T == 1: q == r, so e_s is e_a and one exp is saved
+};
+
+inline Params make_params(int32_t kind, bool has_target, int64_t ignore_index,
+                          double temperature, double alpha, double beta, double smoothing,
+                          bool scale_by_t2) {
+  Params p;
+  p.kind = kind;
+  p.has_target = has_target ? 1 : 0;
+  p.ignore_index = ignore_index;
+  p.temperature = temperature;
+  p.inv_temperature = 1.0 / temperature;
+  const double a = has_target ? alpha : 1.0;
+  p.soft_coef = a * (scale_by_t2 ? temperature * temperature : 1.0);
+  p.soft_grad_coef = p.soft_coef / temperature;
+  p.hard_coef = has_target ? 1.0 - alpha : 0.0;
+  p.beta = beta;
+  p.log_beta = log(beta);
+  p.log1m_beta = log1p(-beta);
+  p.smoothing = smoothing;
+  p.same_scale = temperature == 1.0 ? 1 : 0;
+  return p;
+}
+
+// Overloads the kernels call, so float rows use float transcendentals and double rows double.
+KD_HD float kd_exp(float x) { return expf(x); }
+KD_HD double kd_exp(double x) { return exp(x); }
+KD_HD float kd_log(float x) { return logf(x); }
+KD_HD double kd_log(double x) { return log(x); }
+template <class A> KD_HD A kd_max(A x, A y) { return x > y ? x : y; }
+template <class A> KD_HD A kd_min(A x, A y) { return x < y ? x : y; }
+template <class A> KD_HD A neg_inf() { return -static_cast<A>(INFINITY); }
+
+// ---- storage types: bit-compatible with at::BFloat16 / at::Half, usable without torch ----
+struct bf16_bits { uint16_t x; };
+struct f16_bits { uint16_t x; };
+
+KD_HD float bits_to_float(uint32_t u) {
+  union { uint32_t u; float f; } v;
+  v.u = u;
+  return v.f;
+}
+KD_HD uint32_t float_to_bits(float f) {
+  union { uint32_t u; float f; } v;
+  v.f = f;
+  return v.u;
+}
+
+KD_HD float to_acc_float(float v) { return v; }
+KD_HD float to_acc_float(bf16_bits v) { return bits_to_float(static_cast<uint32_t>(v.x) << 16); }
+// IEEE half -> float without lookup tables or branches, so it vectorizes: the 5-bit exponent
+// is rebiased by multiplying with 2^112; inf/NaN (exponent 31) get the float exponent forced.
+KD_HD float to_acc_float(f16_bits v) {
+  const uint32_t h = v.x;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t magnitude = (h & 0x7fffu) << 13;
+  const float scaled = bits_to_float(magnitude) * 5.192296858534828e33f;  // 2^112
+  const uint32_t special = (h & 0x7c00u) == 0x7c00u ? (0x7f800000u | magnitude) : 0u;
+  const uint32_t out = special ? special : float_to_bits(scaled);
+  return bits_to_float(sign | out);
+}
+KD_HD double to_acc_double(double v) { return v; }
+
+KD_HD void store_from_acc(float* dst, float v) { *dst = v; }
+KD_HD void store_from_acc(double* dst, double v) { *dst = v; }
+// float -> bfloat16, round to nearest even; NaN stays a quiet NaN.
+KD_HD void store_from_acc(bf16_bits* dst, float v) {
+  const uint32_t u = float_to_bits(v);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+  dst->x = static_cast<uint16_t>(is_nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
+// ---- per-row normalizers, from the pass-1 maxima and the pass-2 exp sums ----
+template <class A>
+struct RowNorm {
+  A inv_t;         // 1/T
+  A max_a, max_b;  // max of s/T and t/T
+  A max_s;         // max of s (T = 1)
+  A lse_a, lse_b;  // log-sum-exp of a and b
+  A lse_s;         // log-sum-exp of s
+  A inv_za, inv_zb, inv_zs;
+  A lse_gap;       // lse_a - lse_b: log p - log q = (b - a) - (lse_b - lse_a)
+};
+
+// max(s/T) is max(s)/T exactly because multiplying by 1/T > 0 is monotone in IEEE rounding.
+template <class A>
+KD_HD RowNorm<A> row_norm(A inv_t, A max_s, A max_t, A z_a, A z_b, A z_s) {
+  RowNorm<A> n;
+  n.inv_t = inv_t;
+  n.max_a = max_s * inv_t;
+  n.max_b = max_t * inv_t;
+  n.max_s = max_s;
+  n.lse_a = n.max_a + kd_log(z_a);
+  n.lse_b = n.max_b + kd_log(z_b);
+  n.lse_s = max_s + kd_log(z_s);
+  n.inv_za = A(1) / z_a;
+  n.inv_zb = A(1) / z_b;
+  n.inv_zs = A(1) / z_s;
+  n.lse_gap = n.lse_a - n.lse_b;
+  return n;
+}
+
+// Pass-2 exponent arguments.
+template <class A> KD_HD A exp_arg_a(A s, const RowNorm<A>& n) { return s * n.inv_t - n.max_a; }
+template <class A> KD_HD A exp_arg_b(A t, const RowNorm<A>& n) { return t * n.inv_t - n.max_b; }
+
+// log p - log q for one element, from the raw logits.
+template <class A> KD_HD A log_ratio_pq(A s, A t, const RowNorm<A>& n) {
+  return (t - s) * n.inv_t + n.lse_gap;
+}
+
+// x * y with 0 * anything = 0: the convention 0 log 0 = 0 that makes -inf teacher entries
+// (masked vocabulary) contribute nothing instead of NaN.
+template <class A> KD_HD A weighted(A weight, A value) { return weight > A(0) ? weight * value : A(0); }
+
+// log(beta*p + (1-beta)*q) from log p and log q without leaving log space, so rows whose p or
+// q underflow keep a finite log-mixture (the JSD NaN trap).
+template <class A>
+KD_HD A log_mixture(A log_p, A log_q, A log_beta, A log1m_beta) {
+  const A x = log_p + log_beta;
+  const A y = log_q + log1m_beta;
+  const A hi = kd_max(x, y);
+  const A lo = kd_min(x, y);
+  const A tail = kd_log(A(1) + kd_exp(lo - hi));
+  return lo == neg_inf<A>() ? hi : hi + tail;
+}
+
+// Hard cross-entropy of softmax(s) against label y with smoothing eps:
+// (1-eps) * (lse_s - s_y) + eps * (lse_s - mean(s)).
+template <class A>
+KD_HD A hard_loss(A s_y, A sum_s, int64_t n_cols, A eps, const RowNorm<A>& n) {
+  const A nll = n.lse_s - s_y;
+  if (eps == A(0)) return nll;
+  return (A(1) - eps) * nll + eps * (n.lse_s - sum_s / A(n_cols));
+}
+
+// d(hard)/ds_k without the one-hot part, which the kernel subtracts at the label:
+// softmax(s)_k - eps/C.  d(hard)/ds_y additionally has -(1 - eps).
+template <class A>
+KD_HD A hard_grad(A e_s, A eps_over_c, const RowNorm<A>& n) { return e_s * n.inv_zs - eps_over_c; }
+
+// Soft-term gradient with respect to a = s/T (the kernel multiplies by soft_grad_coef).
+//   kl:          q_k - p_k
+//   reverse_kl:  q_k * (log q_k - log p_k - KL(q||p))
+//   jsd:         (1-beta) * q_k * (log q_k - log m_k - KL(q||m))
+// `ratio` is the per-element log ratio stashed by pass 3 (unused for kl).
+template <class A>
+KD_HD A soft_grad_kl(A e_a, A e_b, const RowNorm<A>& n) { return e_a * n.inv_za - e_b * n.inv_zb; }
+template <class A>
+KD_HD A soft_grad_mode_seeking(A e_a, A ratio, A row_kl, A weight, const RowNorm<A>& n) {
+  return weighted(e_a * n.inv_za, weight * (ratio - row_kl));
+}
+
+// Row loss from the reduced terms; an ignored row contributes 0 (the kernel skips it).
+template <class A>
+KD_HD A row_loss(A soft, A hard, const Params& p) {
+  return A(p.soft_coef) * soft + (p.hard_coef != 0.0 ? A(p.hard_coef) * hard : A(0));
+}
+
+}  // namespace math
+}  // namespace kdfast

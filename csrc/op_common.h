@@ -1,0 +1,39 @@
+// Host-side argument checks and input preparation shared by the CPU and CUDA ops.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include "kdfast/kd_math.h"
+
+namespace kdfast {
+
+struct PreparedInputs {
+  at::Tensor student;  // (N, C), unit stride along C
+  at::Tensor teacher;  // (N, C), unit stride along C, dtype paired with the student's
+  at::Tensor target;   // (N,) int64, or undefined
+  int64_t n_rows = 0;
+  int64_t n_cols = 0;
+  math::Params params{};
+};
+
+int32_t parse_kind(c10::string_view kind);
+
+// Validates every argument (errors name the argument and the expected value), makes the
+// class dimension contiguous where it is not, pairs float64 with float64, and converts the
+// target to int64. `inplace`: the student buffer will receive the gradient, so it must
+// already be contiguous along C and of a dtype that can hold the gradient.
+PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                              const c10::optional<at::Tensor>& target, double temperature,
+                              double alpha, c10::string_view kind, double beta,
+                              int64_t ignore_index, double label_smoothing, bool scale_by_t2,
+                              bool inplace);
+
+// float32 per-row losses, or float64 when the inputs are float64.
+at::ScalarType loss_dtype(const at::Tensor& student);
+// The student's dtype, except float16 -> float32: the unnormalized per-row gradient (entries
+// near 1/C) would underflow into float16's subnormals.
+at::ScalarType grad_dtype(const at::Tensor& student);
+
+}  // namespace kdfast

@@ -1,0 +1,128 @@
+"""The functional API: kdfast.distillation_loss, shaped like torch.nn.functional."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from kdfast import reference
+from kdfast._checks import check_distillation_args, reduce_rows
+from kdfast._ext import HAS_EXTENSION
+
+__all__ = ["distillation_loss", "DistillationLossFunction"]
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    kind: str = "kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Fused knowledge-distillation loss (Hinton et al. 2015), forward and gradient in one pass.
+
+    Per row i of the flattened ``(..., C)`` logits, with p = softmax(teacher/T),
+    q = softmax(student/T) and r = softmax(student):
+
+    - ``soft_i``: ``kind="kl"`` KL(p||q); ``"reverse_kl"`` KL(q||p); ``"jsd"``
+      beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q (in log space).
+      Multiplied by T**2 when ``scale_by_t2`` (default), which keeps the soft gradients'
+      magnitude independent of T, as the paper recommends.
+    - ``hard_i``: cross-entropy of r against ``target`` with ``label_smoothing`` eps:
+      (1-eps)*(-log r_y) + eps*mean_j(-log r_j).
+    - ``loss_i = alpha*soft_i + (1-alpha)*hard_i``; rows whose target is ``ignore_index`` count
+      in neither term. With ``target=None`` (unlabeled transfer set) ``loss_i = soft_i``.
+
+    Args:
+        student_logits: ``(..., C)`` float32/bfloat16/float16/float64; receives the gradient.
+        teacher_logits: same shape (a vocabulary mismatch raises: slice explicitly), any of
+            those dtypes, must not require grad (detach it).
+        target: ``(...)`` integer class indices in [0, C) or ``ignore_index``, or None.
+        temperature: T > 0, default 1.0.
+        alpha: weight of the soft term in [0, 1], default 0.5 (ignored without target).
+        kind: "kl" (default), "reverse_kl" or "jsd".
+        beta: jsd's teacher weight in (0, 1), default 0.5.
+        ignore_index: target value marking padding rows, default -100.
+        label_smoothing: eps in [0, 1] for the hard term, default 0.0.
+        reduction: "mean" (default; sum over counted rows / their number, 0.0 if none),
+            "batchmean" (alias of "mean"), "sum", or "none" (shape ``(...)``, 0 on ignored rows).
+        scale_by_t2: multiply the soft term by T**2, default True.
+        inplace: write the gradient into ``student_logits``' buffer during forward (saves one
+            N x C buffer; the logits' values are destroyed). float32/bfloat16/float64 only,
+            eager mode only.
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs): accumulated in float32 whatever the
+        input dtype.
+
+    Masked vocabulary: -inf teacher entries contribute nothing for "kl" and "jsd" (0 log 0 = 0);
+    for "reverse_kl" the loss is +inf wherever the student puts mass on them. NaN inputs give
+    NaN. Double backward is not supported.
+    """
+    check_distillation_args(
+        student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
+        kind=kind, beta=beta, label_smoothing=label_smoothing, reduction=reduction,
+    )
+    if not HAS_EXTENSION:
+        if inplace:
+            raise RuntimeError("inplace=True needs the compiled kdfast._C kernels")
+        return reference.distillation_loss(
+            student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
+            kind=kind, beta=beta, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction=reduction, scale_by_t2=scale_by_t2,
+        )
+    n_cols = student_logits.shape[-1]
+    batch_shape = student_logits.shape[:-1]
+    student = student_logits.reshape(-1, n_cols)
+    teacher = teacher_logits.reshape(-1, n_cols)
+    flat_target = target.reshape(-1) if target is not None else None
+    args = (teacher, flat_target, float(temperature), float(alpha), kind, float(beta),
+            int(ignore_index), float(label_smoothing), bool(scale_by_t2))
+    if inplace:
+        # If reshape had to copy, the gradient lands in the copy: still correct, less saving.
+        loss_rows = DistillationLossFunction.apply(student, *args)
+    else:
+        compute_grad = student.requires_grad and torch.is_grad_enabled()
+        loss_rows, _ = torch.ops.kdfast.distill_fwd(student, *args, compute_grad)
+    counted = flat_target != ignore_index if flat_target is not None else None
+    return reduce_rows(loss_rows, counted, reduction, batch_shape)
+
+
+class DistillationLossFunction(torch.autograd.Function):
+    """The autograd Function behind ``inplace=True``: per-row losses of ``student`` (N, C).
+
+    ``apply(student, teacher, target, temperature, alpha, kind, beta, ignore_index,
+    label_smoothing, scale_by_t2) -> loss_rows (N,)``. Forward writes d loss_i / d student into
+    ``student``'s buffer; backward scales that buffer in place by grad_loss_rows and returns
+    it, so no N x C buffer is allocated at all. Calling backward twice raises (the saved buffer
+    was already consumed).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, temperature, alpha, kind, beta, ignore_index,
+                label_smoothing, scale_by_t2):
+        loss_rows = torch.ops.kdfast.distill_fwd_inplace(
+            student, teacher, target, temperature, alpha, kind, beta, ignore_index,
+            label_smoothing, scale_by_t2,
+        )
+        # The op writes through a raw pointer; tell autograd the buffer changed so any other
+        # saved reference to the logits fails loudly instead of reading the gradient.
+        torch.autograd.graph.increment_version(student)
+        ctx.save_for_backward(student)
+        return loss_rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss_rows):
+        (grad,) = ctx.saved_tensors
+        # Computed in float32 (or wider) and rounded once into grad's dtype.
+        grad.mul_(grad_loss_rows.unsqueeze(-1))
+        return (grad,) + (None,) * 9

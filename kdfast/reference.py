@@ -1,0 +1,128 @@
+"""Pure-PyTorch distillation losses: the test oracle and the benchmark baselines.
+
+``distillation_loss`` has kdfast.distillation_loss's signature and semantics, in any float
+dtype (float64 for the tests' oracle). It computes in the inputs' promoted dtype, at least
+float32, exactly from the values it is given: tests that check low-precision kernels upcast
+the same bf16/fp16 tensors the kernel sees, never re-round them.
+
+``eager_baseline`` is what a user would write by hand with torch.nn.functional; the benchmarks
+time it (eager and under torch.compile) against the fused kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdfast._checks import check_distillation_args, reduce_rows
+
+__all__ = ["distillation_loss", "eager_baseline"]
+
+
+def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """weight * value with 0 * anything = 0, and no NaN gradient from the masked branch."""
+    positive = weight > 0
+    return weight * torch.where(positive, value, torch.zeros_like(value))
+
+
+def soft_rows(
+    log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float
+) -> torch.Tensor:
+    """Per-row soft divergence from teacher log-probs log_p and student log-probs log_q."""
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "kl":
+        return _weighted(p, log_p - log_q).sum(-1)
+    if kind == "reverse_kl":
+        return _weighted(q, log_q - log_p).sum(-1)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    kl_pm = _weighted(p, log_p - log_m).sum(-1)
+    kl_qm = _weighted(q, log_q - log_m).sum(-1)
+    return beta * kl_pm + (1 - beta) * kl_qm
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    kind: str = "kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+) -> torch.Tensor:
+    """Reference implementation of :func:`kdfast.distillation_loss` (same arguments)."""
+    check_distillation_args(
+        student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
+        kind=kind, beta=beta, label_smoothing=label_smoothing, reduction=reduction,
+    )
+    n_cols = student_logits.shape[-1]
+    batch_shape = student_logits.shape[:-1]
+    dtype = torch.promote_types(
+        torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
+    )
+    s = student_logits.reshape(-1, n_cols).to(dtype)
+    t = teacher_logits.reshape(-1, n_cols).to(dtype)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    soft = soft_rows(log_p, log_q, kind, beta)
+    if scale_by_t2:
+        soft = soft * temperature**2
+    if target is None:
+        return reduce_rows(soft, None, reduction, batch_shape)
+
+    y = target.reshape(-1).long()
+    counted = y != ignore_index
+    bad = counted & ((y < 0) | (y >= n_cols))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target[{i}] = {int(y[i])} is out of range: expected a class index in [0, {n_cols}) "
+            f"or ignore_index={ignore_index}"
+        )
+    log_r = F.log_softmax(s, dim=-1)
+    nll = -log_r.gather(-1, torch.where(counted, y, 0).unsqueeze(-1)).squeeze(-1)
+    hard = nll
+    if label_smoothing > 0:
+        hard = (1 - label_smoothing) * nll - label_smoothing * log_r.mean(-1)
+    rows = alpha * soft + (1 - alpha) * hard if alpha < 1 else soft
+    rows = torch.where(counted, rows, torch.zeros_like(rows))
+    return reduce_rows(rows, counted, reduction, batch_shape)
+
+
+def eager_baseline(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    kind: str = "kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """The loss as commonly written with torch.nn.functional (2-D inputs, mean reduction).
+
+    ``F.kl_div(log_softmax(s/T), softmax(t/T), "batchmean") * T**2 + F.cross_entropy``; jsd
+    through the log-space mixture. No padding rows, no label smoothing: the benchmark shape.
+    """
+    T = temperature
+    log_q = F.log_softmax(student_logits / T, dim=-1)
+    log_p = F.log_softmax(teacher_logits / T, dim=-1)
+    if kind == "kl":
+        soft = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    elif kind == "reverse_kl":
+        soft = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        soft = beta * F.kl_div(log_m, log_p, reduction="batchmean", log_target=True) + (
+            1 - beta
+        ) * F.kl_div(log_m, log_q, reduction="batchmean", log_target=True)
+    soft = soft * T * T
+    if target is None:
+        return soft
+    return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, target)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv with the CPU build of torch and the test tools, then builds kdfast in it.
+# Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${KDFAST_VENV:-.venv}
+TORCH_SPEC=${KDFAST_TORCH:-torch==2.13.0}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade "setuptools>=64" wheel
+"$VENV/bin/pip" install -q "$TORCH_SPEC" ninja numpy pytest expecttest hypothesis ruff tqdm \
+  pytest-benchmark
+# Against the torch just installed: an isolated build would fetch another multi-GB torch.
+"$VENV/bin/pip" install -q -e . --no-build-isolation
+"$VENV/bin/python" -c "import kdfast, json; print(json.dumps(kdfast.build_info()))"
