@@ -1,0 +1,45 @@
+// The Python module kdfast._C. Importing it loads this library, whose static initializers
+// register the ops (csrc/ops.cpp) and their kernels. Not part of the LibTorch (CMake) build.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_isa.h"
+
+#ifndef KDFAST_CUDA_ARCHS
+#define KDFAST_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+// kdfast._C: importing it loads this library, whose static initializers register the ops.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kdfast compiled ops (registered as torch.ops.kdfast.*)";
+  m.def(
+      "build_info",
+      [] {
+        py::dict info;
+        py::list backends;
+        backends.append("cpu");
+#ifdef KDFAST_WITH_CUDA
+        backends.append("cuda");
+#endif
+        info["backends"] = backends;
+        info["cuda_archs"] = std::string(KDFAST_CUDA_ARCHS);
+        info["cpu_isas_compiled"] = std::vector<std::string>{"avx512", "avx2", "baseline"};
+        std::vector<std::string> supported;
+        for (auto isa : kdfast::cpu::supported_isas()) supported.emplace_back(kdfast::cpu::isa_name(isa));
+        info["cpu_isas_supported"] = supported;
+        info["cpu_isa_selected"] = std::string(kdfast::cpu::isa_name(kdfast::cpu::selected_isa()));
+#ifdef _OPENMP
+        info["openmp"] = true;
+#else
+        info["openmp"] = false;
+#endif
+        return info;
+      },
+      "Compiled backends, CPU instruction sets (compiled, supported by this CPU, selected now; "
+      "KDFAST_CPU_ISA forces one) and the CUDA architectures compiled for.");
+}
