@@ -4,6 +4,11 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace kdfast {
 namespace {
@@ -94,6 +99,21 @@ PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor
 
   out.params = math::make_params(kind_id, out.target.defined(), ignore_index, temperature, alpha,
                                  beta, label_smoothing, scale_by_t2);
+  return out;
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  if (out.device().is_cpu() && out.nbytes() >= 2 * kHugePage) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
+    // Advice only: failure (THP disabled, old kernel) leaves ordinary pages.
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
   return out;
 }
 

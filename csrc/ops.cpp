@@ -15,4 +15,7 @@ TORCH_LIBRARY(kdfast, m) {
       "distill_fwd_inplace(Tensor(a!) student_logits, Tensor teacher_logits, Tensor? target, "
       "float temperature, float alpha, str kind, float beta, int ignore_index, "
       "float label_smoothing, bool scale_by_t2) -> Tensor");
+  // Backward of distill_fwd: grad * row_scale[:, None] computed in float32 (or wider), rounded
+  // once into `dtype`, written to a fresh buffer (huge-page backed on Linux CPUs).
+  m.def("scale_rows(Tensor grad, Tensor row_scale, ScalarType dtype) -> Tensor");
 }

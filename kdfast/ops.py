@@ -13,7 +13,8 @@ ignore_index, label_smoothing, scale_by_t2, compute_grad) -> (loss_rows, grad)``
   float16). Empty when ``compute_grad`` is False, which skips all gradient work.
 
 The autograd formula is the chain rule through the row losses: d student = grad *
-grad_loss_rows[:, None]. Reductions (mean/sum) are ordinary torch ops on ``loss_rows``, so
+grad_loss_rows[:, None] (``torch.ops.kdfast.scale_rows``, one pass into a fresh buffer).
+Reductions (mean/sum) are ordinary torch ops on ``loss_rows``, so
 1/n and grad_output arrive in float32 and the product is rounded once into the student's
 dtype. Backward recomputes nothing and never syncs with the host.
 
@@ -52,11 +53,6 @@ def grad_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
     return torch.float32 if student.dtype == torch.float16 else student.dtype
 
 
-def scale_rows(grad: torch.Tensor, grad_loss_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """grad * grad_loss_rows[:, None] computed in grad's precision (at least float32)."""
-    return torch.mul(grad, grad_loss_rows.unsqueeze(-1)).to(dtype)
-
-
 if HAS_EXTENSION:
 
     @torch.library.register_fake("kdfast::distill_fwd")
@@ -77,6 +73,10 @@ if HAS_EXTENSION:
     ):
         return student.new_empty((student.shape[0],), dtype=loss_dtype(student, teacher))
 
+    @torch.library.register_fake("kdfast::scale_rows")
+    def _scale_rows_fake(grad, row_scale, dtype):
+        return grad.new_empty(grad.shape, dtype=dtype)
+
     def _setup_context(ctx, inputs, output):
         student = inputs[0]
         _, grad = output
@@ -92,7 +92,7 @@ if HAS_EXTENSION:
             )
         (grad,) = ctx.saved_tensors
         with torch.no_grad():
-            d_student = scale_rows(grad, grad_loss_rows, ctx.student_dtype)
+            d_student = torch.ops.kdfast.scale_rows(grad, grad_loss_rows, ctx.student_dtype)
         return (once_differentiable_output(d_student),) + (None,) * 10
 
     torch.library.register_autograd(

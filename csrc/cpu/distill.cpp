@@ -92,9 +92,9 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_cpu(
   const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
                                            alpha, kind, beta, ignore_index, label_smoothing,
                                            scale_by_t2, /*inplace=*/false);
-  at::Tensor grad = compute_grad
-                        ? at::empty({in.n_rows, in.n_cols}, in.student.options().dtype(grad_dtype(in.student)))
-                        : at::empty({0}, in.student.options().dtype(grad_dtype(in.student)));
+  const auto grad_options = in.student.options().dtype(grad_dtype(in.student));
+  at::Tensor grad = compute_grad ? empty_output({in.n_rows, in.n_cols}, grad_options)
+                                 : at::empty({0}, grad_options);
   at::Tensor loss_rows = run(in, compute_grad ? grad : at::Tensor());
   return {loss_rows, grad};
 }

@@ -4,16 +4,16 @@
 // target` and KDFAST_ISA before including it), so it must not include torch or any header
 // with non-inline code whose instantiation could leak one ISA's code into another. The loops
 // are written for GCC's vectorizer: `omp simd` reductions (no -ffast-math, so -inf and NaN
-// keep IEEE meaning) and expf/logf declared with SIMD variants that libmvec provides.
+// keep IEEE meaning).
 #pragma once
 
 #include "kdfast/cpu_rows_api.h"
 #include "kdfast/kd_math.h"
 
-extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
-extern "C" float logf(float) noexcept __attribute__((simd("notinbranch")));
+// float rows use kd_math.h's polynomial exp/log (plain arithmetic, vectorized in line); double
+// rows (gradcheck, tests) call libm, whose SIMD variants libmvec provides.
 extern "C" double exp(double) noexcept __attribute__((simd("notinbranch")));
-extern "C" double log(double) noexcept __attribute__((simd("notinbranch")));
+extern "C" double log1p(double) noexcept __attribute__((simd("notinbranch")));
 
 namespace kdfast {
 namespace cpu {
@@ -87,28 +87,35 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
       for (int64_t k = 0; k < C; ++k) sum_s += s[k];
     }
 
-    // Pass 2: exps, stashed for pass 3, and their sums.
+    // Pass 2: exps, stashed for pass 3, and their sums. 3 exps per element, 2 when the hard
+    // term reuses softmax(s/T) (T == 1) or there is none.
     const A max_a = max_s * inv_t, max_b = max_t * inv_t;
     A z_a = A(0), z_b = A(0), z_s = A(0);
-#pragma omp simd reduction(+ : z_a, z_b)
-    for (int64_t k = 0; k < C; ++k) {
-      const A ea = kd_exp(s[k] * inv_t - max_a);
-      const A eb = kd_exp(t[k] * inv_t - max_b);
-      e_a[k] = ea;
-      e_b[k] = eb;
-      z_a += ea;
-      z_b += eb;
-    }
-    const A* e_s = e_a;  // softmax(s) == softmax(s/T) when T == 1; reused as a dummy otherwise
+    const A* e_s = e_a;  // softmax(s) == softmax(s/T) when T == 1; a harmless dummy w/o hard term
     if (separate_hard_exp) {
-#pragma omp simd reduction(+ : z_s)
+#pragma omp simd reduction(+ : z_a, z_b, z_s)
       for (int64_t k = 0; k < C; ++k) {
-        const A es = kd_exp(s[k] - max_s);
+        const A ea = exp_nonpos(s[k] * inv_t - max_a);
+        const A eb = exp_nonpos(t[k] * inv_t - max_b);
+        const A es = exp_nonpos(s[k] - max_s);
+        e_a[k] = ea;
+        e_b[k] = eb;
         e_s_own[k] = es;
+        z_a += ea;
+        z_b += eb;
         z_s += es;
       }
       e_s = e_s_own;
     } else {
+#pragma omp simd reduction(+ : z_a, z_b)
+      for (int64_t k = 0; k < C; ++k) {
+        const A ea = exp_nonpos(s[k] * inv_t - max_a);
+        const A eb = exp_nonpos(t[k] * inv_t - max_b);
+        e_a[k] = ea;
+        e_b[k] = eb;
+        z_a += ea;
+        z_b += eb;
+      }
       z_s = z_a;
     }
     const RowNorm<A> n = row_norm(inv_t, max_s, max_t, z_a, z_b, z_s);
