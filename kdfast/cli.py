@@ -24,6 +24,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kdfast.bench import run_report
+
+    shapes = None
+    if args.shapes:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+    threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else None
+    out = run_report(
+        args.out, quick=args.quick, repeats=args.repeats, kinds=tuple(args.kinds.split(",")),
+        dtypes=tuple(args.dtypes.split(",")), threads=threads, shapes=shapes, plot=not args.no_plot,
+    )
+    print(f"wrote {out}/results.csv, results.md" + ("" if args.no_plot else ", results.png"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdfast",
@@ -42,6 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
     demo.set_defaults(func=_cmd_demo)
+    bench = sub.add_parser(
+        "bench",
+        help="time kdfast vs eager PyTorch vs torch.compile (forward+backward), with the roofline",
+        description="Times forward+backward of kdfast, the eager F.kl_div + F.cross_entropy loss "
+        "and its torch.compile'd version, interleaved, over (N, C) shapes, dtypes, kinds and "
+        "thread counts; writes results.csv, results.md and results.png.",
+    )
+    bench.add_argument("--out", default="benchmarks/results", help="output directory")
+    bench.add_argument("--quick", action="store_true", help="2 shapes, 5 repeats")
+    bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case")
+    bench.add_argument("--kinds", default="kl,jsd", help="comma list (default kl,jsd)")
+    bench.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16")
+    bench.add_argument("--threads", default=None, help="comma list (default 1 and all cores)")
+    bench.add_argument("--shapes", default=None, help="comma list of NxC, e.g. 1024x32000,256x128256")
+    bench.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,94 @@
+"""GPU version of `kdfast bench`: CUDA-event timings of forward+backward for kdfast, the eager
+loss and torch.compile, with HBM copy bandwidth as the roofline. Exits 0 with a message when
+there is no CUDA device (so it can sit in any script).
+
+    python benchmarks/gpu/bench_gpu.py [--out benchmarks/results/gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPES = ((8192, 10), (4096, 1000), (1024, 32000), (256, 128256), (4096, 128256))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cuda_ms(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def hbm_bandwidth_gbs() -> float:
+    src = torch.ones(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = statistics.median(cuda_ms(lambda: dst.copy_(src), 10))
+    return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/gpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device; nothing to measure (skipped)")
+        return 0
+    from kdfast.bench.providers import PROVIDERS, exps_per_element, make_step
+
+    bandwidth = hbm_bandwidth_gbs()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: copy bandwidth {bandwidth:.0f} GB/s")
+    rows = []
+    for kind in ("kl", "jsd"):
+        for dtype_name, dtype in DTYPES.items():
+            for n, c in SHAPES:
+                gen = torch.Generator(device="cuda").manual_seed(0)
+                s = torch.randn(n, c, device="cuda", generator=gen).to(dtype)
+                t = torch.randn(n, c, device="cuda", generator=gen).to(dtype)
+                y = torch.randint(0, c, (n,), device="cuda", generator=gen)
+                medians = {}
+                for provider in PROVIDERS:
+                    step = make_step(provider, kind)
+                    step(s, t, y)
+                    step(s, t, y)
+                    timed = lambda step=step, s=s, t=t, y=y: step(s, t, y)  # noqa: E731
+                    medians[provider] = statistics.median(cuda_ms(timed, args.repeats))
+                moved = n * c * 3 * dtype.itemsize
+                roofline_ms = moved / (bandwidth * 1e9) * 1e3
+                for provider, ms in medians.items():
+                    rows.append({"device": device, "kind": kind, "dtype": dtype_name, "rows": n,
+                                 "cols": c, "provider": provider, "median_ms": ms,
+                                 "speedup_vs_eager": medians["eager"] / ms,
+                                 "speedup_vs_compiled": medians["compiled"] / ms,
+                                 "roofline_fraction": roofline_ms / ms,
+                                 "exps_per_element": exps_per_element(kind)})
+                k = medians["kdfast"]
+                print(f"{kind:<4} {dtype_name} ({n}, {c}): kdfast {k:.3f} ms, eager "
+                      f"{medians['eager']:.3f}, compiled {medians['compiled']:.3f}, "
+                      f"{100 * roofline_ms / k:.0f}% of HBM roofline")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""What bounds a distillation loss on this machine: memory bandwidth and vectorized exp rate,
+both measured in the same process as the kernels they judge."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: page in buffers, spin up threads
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 7) -> float:
+    """Copy bandwidth in GB/s (read + write bytes) of a large in-memory float32 copy, with the
+    current torch thread count."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * n_bytes / seconds / 1e9
+
+
+def exp_rate(repeats: int = 7) -> float:
+    """Vectorized float32 exps per second with the current torch thread count, on data that
+    stays in cache (torch's own SIMD exp; kdfast's polynomial runs at about the same rate)."""
+    threads = torch.get_num_threads()
+    x = -torch.rand(threads * (1 << 16))  # 256 KiB per thread: in L2
+    y = torch.empty_like(x)
+    inner = 200
+
+    def run():
+        for _ in range(inner):
+            torch.exp(x, out=y)
+
+    return inner * x.numel() / _median_seconds(run, repeats)
+
+
+def thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+        return text[text.index("[") + 1 : text.index("]")]
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe() -> dict:
+    import kdfast
+
+    info = kdfast.build_info()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "thp": thp_mode(),
+        "torch": torch.__version__,
+        "kdfast": kdfast.__version__,
+        "cpu_isa": info.get("cpu_isa_selected", "none"),
+    }
