@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from kdfast import reference
 from kdfast._checks import check_distillation_args, reduce_rows
 from kdfast._ext import HAS_EXTENSION
+from kdfast.ops import once_differentiable_output
 
 __all__ = ["distillation_loss", "DistillationLossFunction"]
 
@@ -87,7 +87,10 @@ def distillation_loss(
     args = (teacher, flat_target, float(temperature), float(alpha), kind, float(beta),
             int(ignore_index), float(label_smoothing), bool(scale_by_t2))
     if inplace:
-        # If reshape had to copy, the gradient lands in the copy: still correct, less saving.
+        # The kernel needs unit stride along C. A copy (here or in reshape) still gets the
+        # gradient right, through the copy's backward; it only loses the memory saving.
+        if student.stride(-1) != 1 and n_cols > 1:
+            student = student.contiguous()
         loss_rows = DistillationLossFunction.apply(student, *args)
     else:
         compute_grad = student.requires_grad and torch.is_grad_enabled()
@@ -120,9 +123,10 @@ class DistillationLossFunction(torch.autograd.Function):
         return loss_rows
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss_rows):
         (grad,) = ctx.saved_tensors
-        # Computed in float32 (or wider) and rounded once into grad's dtype.
-        grad.mul_(grad_loss_rows.unsqueeze(-1))
-        return (grad,) + (None,) * 9
+        with torch.no_grad():
+            # Computed in float32 (or wider) and rounded once into grad's dtype.
+            grad.mul_(grad_loss_rows.unsqueeze(-1))
+        # Detached: the buffer is the student's, whose graph must not be differentiated into.
+        return (once_differentiable_output(grad.detach()),) + (None,) * 9

@@ -37,6 +37,18 @@ int32_t dtype_code(at::ScalarType t) {
   }
 }
 
+void check_targets(const PreparedInputs& in) {
+  const int64_t* y = in.target.data_ptr<int64_t>();
+  const int64_t stride = in.target.stride(0);
+  const int64_t ignore = in.params.ignore_index;
+  for (int64_t i = 0; i < in.n_rows; ++i) {
+    const int64_t v = y[i * stride];
+    TORCH_CHECK_VALUE(v == ignore || (v >= 0 && v < in.n_cols), "target[", i, "] = ", v,
+                      " is out of range: expected a class index in [0, ", in.n_cols,
+                      ") or ignore_index=", ignore);
+  }
+}
+
 // Runs the rows across threads. `grad` may be undefined (no gradient wanted).
 at::Tensor run(const PreparedInputs& in, const at::Tensor& grad) {
   at::Tensor loss_rows = at::empty({in.n_rows}, in.student.options().dtype(loss_dtype(in.student)));
@@ -58,6 +70,9 @@ at::Tensor run(const PreparedInputs& in, const at::Tensor& grad) {
   args.teacher_dtype = dtype_code(in.teacher.scalar_type());
   args.params = in.params;
 
+  // Validate every target before any row is written: in-place mode overwrites the student,
+  // so a bad label found mid-way must not leave it half-replaced by gradients.
+  if (in.target.defined()) check_targets(in);
   const RunRows fn = rows_fn(selected_isa());
   const size_t elem = in.student.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
   const int64_t scratch_bytes = scratch_elems(in.n_cols) * static_cast<int64_t>(elem);

@@ -198,9 +198,9 @@ template <class A> KD_HD A log_ratio_pq(A s, A t, const RowNorm<A>& n) {
   return (t - s) * n.inv_t + n.lse_gap;
 }
 
-// x * y with 0 * anything = 0: the convention 0 log 0 = 0 that makes -inf teacher entries
-// (masked vocabulary) contribute nothing instead of NaN.
-template <class A> KD_HD A weighted(A weight, A value) { return weight > A(0) ? weight * value : A(0); }
+// weight * value with 0 * anything = 0: the convention 0 log 0 = 0 that makes -inf teacher
+// entries (masked vocabulary) contribute nothing instead of NaN. A NaN weight stays NaN.
+template <class A> KD_HD A weighted(A weight, A value) { return weight == A(0) ? A(0) : weight * value; }
 
 // log(beta*p + (1-beta)*q) from log p and log q without leaving log space, so rows whose p or
 // q underflow keep a finite log-mixture (the JSD NaN trap).
