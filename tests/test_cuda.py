@@ -7,6 +7,8 @@ against the CPU op, to dry-run the test logic on a machine without a GPU.)
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,16 +151,32 @@ def test_cuda_errors():
     dev = torch.device(DEVICE)
     s = torch.randn(4, 6, device=dev)
     t = torch.randn(4, 6, device=dev)
+    if dev.type == "cuda":
+        with pytest.raises(ValueError, match="teacher_logits is on cpu"):
+            kdfast.distillation_loss(s, t.cpu())
+        with pytest.raises(ValueError, match="target is on cpu"):
+            kdfast.distillation_loss(s, t, torch.tensor([0, 1, 2, 3]))
+        return
     y = torch.tensor([0, 1, 9, 2], device=dev)
     s0 = s.clone()
     with pytest.raises(ValueError, match=r"target\[2\] = 9"):
         kdfast.distillation_loss(s, t, y)
     assert torch.equal(s, s0)
-    if dev.type == "cuda":
-        with pytest.raises(ValueError, match="teacher_logits is on cpu"):
-            kdfast.distillation_loss(s, t.cpu())
-        with pytest.raises(ValueError, match="target is on cpu"):
-            kdfast.distillation_loss(s, t, y.cpu())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the device-side target check needs a GPU")
+def test_cuda_bad_target_is_a_device_assert():
+    # Validated on the device without a host sync (as torch's cross-entropy does): a bad label
+    # is a device-side assert, which poisons the CUDA context, so it runs in its own process.
+    code = (
+        "import torch, kdfast\n"
+        "s = torch.randn(4, 6, device='cuda'); t = torch.randn(4, 6, device='cuda')\n"
+        "y = torch.tensor([0, 1, 9, 2], device='cuda')\n"
+        "kdfast.distillation_loss(s, t, y).item()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "assert" in proc.stderr.lower()
 
 
 def _opcheck_samples(dev):

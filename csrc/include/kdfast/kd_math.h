@@ -208,8 +208,9 @@ template <class A>
 KD_HD A log_mixture(A log_p, A log_q, A log_beta, A log1m_beta) {
   const A x = log_p + log_beta;
   const A y = log_q + log1m_beta;
-  const A hi = kd_max(x, y);
-  const A lo = kd_min(x, y);
+  // Written so a NaN in either argument reaches the result (kd_min would drop a NaN x).
+  const A hi = x > y ? x : y;
+  const A lo = x > y ? y : x;
   const A tail = log1p_unit(exp_nonpos(lo - hi));
   return lo == neg_inf<A>() ? hi : hi + tail;
 }

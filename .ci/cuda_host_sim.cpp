@@ -1,0 +1,404 @@
+// Host simulation of the CUDA row kernels, for CI machines without a GPU.
+//
+// Runs csrc/cuda/distill_rows.cuh (the per-row passes the CUDA kernels run, compiled here as
+// host C++) with one std::thread per simulated GPU thread of a row group and a barrier-based
+// all-reduce in place of the shuffles / shared memory, and compares loss and gradient with the
+// CPU rows (csrc/cpu/rows.h, baseline build) over random configurations: every dtype pair, C
+// from 1 to 4099, group widths 4..256, the three kinds, targets with ignored rows, label
+// smoothing, T == 1 and T != 1, no/out-of-place/in-place gradient, contiguous and misaligned
+// rows (vector head/body/tail and the scalar fallback), -inf teacher entries and NaN inputs.
+//
+// What it cannot check: the shuffle masks, the block reduction's shared memory, the launch
+// configuration, vector loads on the device and the memory model; those need a GPU.
+//
+// Build: g++ -std=c++20 -O2 -fopenmp -fno-math-errno -Icsrc/include .ci/cuda_host_sim.cpp
+//        csrc/cpu/isa/baseline.cpp -lmvec -lpthread
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+static std::atomic<int> g_assert_hits{0};
+#define CUDA_KERNEL_ASSERT_MSG(cond, msg) \
+  do {                                    \
+    if (!(cond)) ++g_assert_hits;         \
+  } while (0)
+
+#include "../csrc/cuda/distill_rows.cuh"
+#include "kdfast/cpu_rows_api.h"
+
+using namespace kdfast;
+using math::bf16_bits;
+using math::f16_bits;
+
+namespace {
+
+constexpr int kMaxWidth = 256;
+
+struct Shared {
+  std::barrier<> bar;
+  alignas(16) unsigned char buf[3 * 3 * kMaxWidth * sizeof(double)];
+  explicit Shared(int n) : bar(n) {}
+};
+
+// All-reduce over host threads. Like the GPU block group: one buffer slot per reduction of a
+// row and a single barrier, so the slot discipline of process_row is exercised too.
+struct SimGroup {
+  int rank;
+  int width;
+  Shared* sh;
+
+  template <int K, int kMaxMask, class A>
+  void reduce(A (&v)[K], int slot) const {
+    A* buf = reinterpret_cast<A*>(sh->buf) + slot * 3 * kMaxWidth;
+    for (int i = 0; i < K; ++i) buf[i * kMaxWidth + rank] = v[i];
+    sh->bar.arrive_and_wait();
+    for (int i = 0; i < K; ++i) v[i] = buf[i * kMaxWidth];
+    for (int w = 1; w < width; ++w) {
+      A other[K];
+      for (int i = 0; i < K; ++i) other[i] = buf[i * kMaxWidth + w];
+      cuda::rows::combine<K, kMaxMask>(v, other);
+    }
+  }
+  // No barrier, like the GPU block group: the reductions must order the label read on their own.
+  void sync() const {}
+};
+
+// ---- storage conversions ----
+template <class T> T from_double(double v);
+template <> float from_double<float>(double v) { return static_cast<float>(v); }
+template <> double from_double<double>(double v) { return v; }
+template <> bf16_bits from_double<bf16_bits>(double v) {
+  bf16_bits b;
+  math::store_from_acc(&b, static_cast<float>(v));
+  return b;
+}
+// float -> half by rounding through the bit pattern (test data only: normal range, inf, NaN).
+template <> f16_bits from_double<f16_bits>(double v) {
+  const float f = static_cast<float>(v);
+  f16_bits h;
+  if (std::isnan(f)) { h.x = 0x7e00; return h; }
+  if (std::isinf(f)) { h.x = f < 0 ? 0xfc00 : 0x7c00; return h; }
+  // Values are kept in [-20, 20]: normal halves; round to 10 mantissa bits.
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const int exp = static_cast<int>((u >> 23) & 0xff) - 127;
+  if (exp < -14) { h.x = static_cast<uint16_t>(sign); return h; }  // flush tiny values
+  uint32_t mant = u & 0x7fffffu;
+  uint32_t rounded = (mant + 0xfffu + ((mant >> 13) & 1u)) >> 13;
+  int e = exp + 15;
+  if (rounded == 0x400u) { rounded = 0; ++e; }
+  h.x = static_cast<uint16_t>(sign | (static_cast<uint32_t>(e) << 10) | rounded);
+  return h;
+}
+template <class T> double to_double(T v) { return static_cast<double>(cuda::rows::widen(v)); }
+
+template <class T> constexpr int32_t dtype_code() {
+  if constexpr (std::is_same_v<T, float>) return cpu::DT_F32;
+  if constexpr (std::is_same_v<T, bf16_bits>) return cpu::DT_BF16;
+  if constexpr (std::is_same_v<T, f16_bits>) return cpu::DT_F16;
+  return cpu::DT_F64;
+}
+template <class T> const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "f32";
+  if constexpr (std::is_same_v<T, bf16_bits>) return "bf16";
+  if constexpr (std::is_same_v<T, f16_bits>) return "f16";
+  return "f64";
+}
+
+struct Config {
+  int n_rows, n_cols, width;
+  int kind;
+  bool has_target, ignored_rows, nan_input, masked_teacher;
+  double temperature, alpha, beta, smoothing;
+  bool scale_by_t2;
+  int grad_mode;  // 0 none, 1 out of place, 2 in place
+  int off_s, off_t, off_g;  // element offsets of the first row
+  int pad_s, pad_t, pad_g;  // row stride - C
+  int bad_target_row;       // -1: none
+  uint64_t seed;
+};
+
+std::string describe(const Config& c) {
+  char b[512];
+  std::snprintf(b, sizeof b,
+                "N=%d C=%d width=%d kind=%d target=%d ignored=%d nan=%d masked=%d T=%g alpha=%g beta=%g "
+                "eps=%g t2=%d grad=%d off=(%d,%d,%d) pad=(%d,%d,%d) bad=%d seed=%llu",
+                c.n_rows, c.n_cols, c.width, c.kind, c.has_target, c.ignored_rows, c.nan_input,
+                c.masked_teacher, c.temperature, c.alpha, c.beta, c.smoothing, c.scale_by_t2,
+                c.grad_mode, c.off_s, c.off_t, c.off_g, c.pad_s, c.pad_t, c.pad_g, c.bad_target_row,
+                static_cast<unsigned long long>(c.seed));
+  return b;
+}
+
+bool close(double got, double want, double atol, double rtol) {
+  if (std::isnan(want) || std::isnan(got)) return std::isnan(want) && std::isnan(got);
+  if (std::isinf(want) || std::isinf(got)) return got == want;
+  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+}
+
+int g_failures = 0;
+
+template <class S, class T, class Gd, class A>
+void run_case(const Config& c) {
+  constexpr int V = 16 / static_cast<int>(sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
+  const int N = c.n_rows, C = c.n_cols;
+  const int64_t rs = C + c.pad_s, rt = C + c.pad_t, rg = C + c.pad_g;
+  std::mt19937_64 rng(c.seed);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  std::uniform_real_distribution<double> unif(0.0, 1.0);
+
+  // 64-byte aligned buffers; offsets then set each row's (mis)alignment.
+  auto alloc = [](size_t bytes) { return std::vector<double>(bytes / sizeof(double) + 16); };
+  auto aligned = [](std::vector<double>& v) {
+    return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+  };
+  auto s_buf = alloc((c.off_s + N * rs + 8) * sizeof(S));
+  auto s_buf2 = alloc((c.off_s + N * rs + 8) * sizeof(S));
+  auto t_buf = alloc((c.off_t + N * rt + 8) * sizeof(T));
+  S* s = reinterpret_cast<S*>(aligned(s_buf)) + c.off_s;
+  S* s2 = reinterpret_cast<S*>(aligned(s_buf2)) + c.off_s;
+  T* t = reinterpret_cast<T*>(aligned(t_buf)) + c.off_t;
+  for (int i = 0; i < N; ++i) {
+    for (int k = 0; k < C; ++k) {
+      double sv = std::fmax(-20.0, std::fmin(20.0, normal(rng)));
+      double tv = std::fmax(-20.0, std::fmin(20.0, normal(rng)));
+      if (c.masked_teacher && unif(rng) < 0.2) tv = -INFINITY;
+      if (c.nan_input && i == 1 && k == C / 2) (unif(rng) < 0.5 ? sv : tv) = NAN;
+      s[i * rs + k] = from_double<S>(sv);
+      t[i * rt + k] = from_double<T>(tv);
+    }
+  }
+  std::memcpy(s2 - c.off_s, s - c.off_s, (c.off_s + N * rs + 8) * sizeof(S));
+  std::vector<int64_t> target(N);
+  for (int i = 0; i < N; ++i) {
+    target[i] = static_cast<int64_t>(unif(rng) * C) % C;
+    if (c.ignored_rows && unif(rng) < 0.3) target[i] = -100;
+  }
+  if (c.bad_target_row >= 0) target[c.bad_target_row] = C + 3;
+
+  const math::Params P = math::make_params(c.kind, c.has_target, -100, c.temperature, c.alpha, c.beta,
+                                           c.smoothing, c.scale_by_t2);
+
+  // Gradient buffers: the CPU's and the simulation's (in place: the student copies themselves).
+  auto g_buf = alloc((c.off_g + N * rg + 8) * sizeof(Gd));
+  auto g_buf2 = alloc((c.off_g + N * rg + 8) * sizeof(Gd));
+  Gd* g_cpu = nullptr;
+  Gd* g_sim = nullptr;
+  int64_t g_stride = 0;
+  if (c.grad_mode == 1) {
+    g_cpu = reinterpret_cast<Gd*>(aligned(g_buf)) + c.off_g;
+    g_sim = reinterpret_cast<Gd*>(aligned(g_buf2)) + c.off_g;
+    g_stride = rg;
+  } else if (c.grad_mode == 2) {
+    if constexpr (std::is_same_v<S, Gd>) {
+      g_cpu = s;   // CPU in place on s, simulation in place on s2
+      g_sim = s2;
+      g_stride = rs;
+    }
+  }
+
+  // CPU reference (baseline rows).
+  std::vector<A> loss_cpu(N, A(-7)), loss_sim(N, A(-7));
+  cpu::RowsArgs ra{};
+  ra.student = s;
+  ra.student_row_stride = rs;
+  ra.teacher = t;
+  ra.teacher_row_stride = rt;
+  ra.target = c.has_target ? target.data() : nullptr;
+  ra.target_stride = 1;
+  ra.loss_rows = loss_cpu.data();
+  ra.grad = g_cpu;
+  ra.grad_row_stride = g_stride;
+  ra.n_rows = N;
+  ra.n_cols = C;
+  ra.student_dtype = dtype_code<S>();
+  ra.teacher_dtype = dtype_code<T>();
+  ra.params = P;
+  std::vector<A> scratch(cpu::scratch_elems(C) + 64);
+  const int64_t cpu_bad = cpu::baseline::run_rows(ra, 0, N, scratch.data());
+
+  // A pristine student copy for the gradient-free run below (in place overwrites s2).
+  std::vector<S> s3(s2 - c.off_s, s2 - c.off_s + (c.off_s + N * rs + 8));
+
+  // Simulation: one group of `width` host threads walks the rows (grid-stride with one group).
+  cuda::KernelArgs ka{};
+  ka.student = s2;
+  ka.student_row_stride = rs;
+  ka.teacher = t;
+  ka.teacher_row_stride = rt;
+  ka.target = c.has_target ? target.data() : nullptr;
+  ka.target_stride = 1;
+  ka.loss_rows = loss_sim.data();
+  ka.grad = g_sim;
+  ka.grad_row_stride = g_stride;
+  ka.n_rows = N;
+  ka.n_cols = C;
+  ka.params = P;
+  g_assert_hits = 0;
+  Shared shared(c.width);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < c.width; ++r) {
+    threads.emplace_back([&, r] {
+      const SimGroup grp{r, c.width, &shared};
+      for (int64_t row = 0; row < N; ++row) cuda::rows::process_row<S, T, Gd, A, V>(ka, row, grp);
+    });
+  }
+  for (auto& th : threads) th.join();
+
+  // Same rows without a gradient: the losses must be bitwise equal (same element -> thread map
+  // and reduction order whatever the gradient's alignment, in place or not).
+  std::vector<A> loss_nograd(N, A(-7));
+  if (c.grad_mode != 0 && c.bad_target_row < 0) {
+    cuda::KernelArgs kb = ka;
+    kb.student = s3.data() + c.off_s;
+    kb.grad = nullptr;
+    kb.grad_row_stride = 0;
+    kb.loss_rows = loss_nograd.data();
+    Shared shared2(c.width);
+    std::vector<std::thread> threads2;
+    for (int r = 0; r < c.width; ++r) {
+      threads2.emplace_back([&, r] {
+        const SimGroup grp{r, c.width, &shared2};
+        for (int64_t row = 0; row < N; ++row) cuda::rows::process_row<S, T, Gd, A, V>(kb, row, grp);
+      });
+    }
+    for (auto& th : threads2) th.join();
+  }
+
+  const std::string what = std::string(dtype_name<S>()) + "/" + dtype_name<T>() + " " + describe(c);
+  auto fail = [&](const std::string& msg) {
+    if (++g_failures <= 20) std::printf("FAIL %s: %s\n", what.c_str(), msg.c_str());
+  };
+  if (c.bad_target_row >= 0) {
+    if (cpu_bad != c.bad_target_row) fail("CPU did not report the bad target");
+    if (g_assert_hits.load() == 0) fail("no device assert for the bad target");
+  } else if (cpu_bad != -1) {
+    fail("CPU rows failed: " + std::to_string(cpu_bad));
+    return;
+  } else if (g_assert_hits.load() != 0) {
+    fail("unexpected device assert");
+  }
+
+  const bool f64 = std::is_same_v<A, double>;
+  const double l_atol = f64 ? 1e-12 : 2e-5, l_rtol = f64 ? 1e-10 : 2e-5;
+  const double g_atol = f64 ? 1e-13 : (std::is_same_v<Gd, bf16_bits> ? 1e-6 : 2e-7);
+  const double g_rtol = f64 ? 1e-10 : (std::is_same_v<Gd, bf16_bits> ? 8e-3 : 5e-5);
+  // reverse_kl / jsd gradients are q_k * (ratio_k - row_kl): a difference of terms as large as
+  // the row's largest gradient, so float summation order shows at that scale.
+  const double g_row_tol = f64 ? 1e-10 : 1e-4;
+  for (int i = 0; i < N; ++i) {
+    if (c.bad_target_row == i) continue;
+    if (!close(loss_sim[i], loss_cpu[i], l_atol, l_rtol)) {
+      fail("loss row " + std::to_string(i) + ": sim " + std::to_string(loss_sim[i]) + " cpu " +
+           std::to_string(loss_cpu[i]));
+    }
+    if (c.grad_mode != 0 && c.bad_target_row < 0 && std::memcmp(&loss_nograd[i], &loss_sim[i], sizeof(A)) != 0) {
+      fail("loss row " + std::to_string(i) + " differs without a gradient: " + std::to_string(loss_nograd[i]) +
+           " vs " + std::to_string(loss_sim[i]));
+    }
+    if (g_cpu == nullptr) continue;
+    double g_max = 0.0;
+    for (int k = 0; k < C; ++k) {
+      const double b = std::fabs(to_double(g_cpu[i * g_stride + k]));
+      if (std::isfinite(b)) g_max = std::fmax(g_max, b);
+    }
+    for (int k = 0; k < C; ++k) {
+      const double a = to_double(g_sim[i * g_stride + k]);
+      const double b = to_double(g_cpu[i * g_stride + k]);
+      if (!close(a, b, g_atol + g_row_tol * g_max, g_rtol)) {
+        fail("grad[" + std::to_string(i) + "," + std::to_string(k) + "]: sim " + std::to_string(a) +
+             " cpu " + std::to_string(b) + " (target " + std::to_string(target[i]) + ")");
+        break;
+      }
+    }
+  }
+  // Nothing outside the rows may be written (padding of the gradient rows stays as allocated).
+  if (c.grad_mode == 1 && c.pad_g > 0) {
+    for (int i = 0; i < N; ++i) {
+      for (int k = C; k < rg; ++k) {
+        if (to_double(g_sim[i * rg + k]) != 0.0) {
+          fail("write outside the row at [" + std::to_string(i) + "," + std::to_string(k) + "]");
+        }
+      }
+    }
+  }
+}
+
+template <class S, class T>
+void run_pair(const Config& c) {
+  using Gd = std::conditional_t<std::is_same_v<S, f16_bits>, float, S>;
+  using A = std::conditional_t<std::is_same_v<S, double>, double, float>;
+  Config cc = c;
+  if (std::is_same_v<S, f16_bits> && cc.grad_mode == 2) cc.grad_mode = 1;  // f16 in place is refused
+  run_case<S, T, Gd, A>(cc);
+}
+
+void run_config(int pair, const Config& c) {
+  switch (pair) {
+    case 0: return run_pair<float, float>(c);
+    case 1: return run_pair<float, bf16_bits>(c);
+    case 2: return run_pair<float, f16_bits>(c);
+    case 3: return run_pair<bf16_bits, float>(c);
+    case 4: return run_pair<bf16_bits, bf16_bits>(c);
+    case 5: return run_pair<bf16_bits, f16_bits>(c);
+    case 6: return run_pair<f16_bits, float>(c);
+    case 7: return run_pair<f16_bits, bf16_bits>(c);
+    case 8: return run_pair<f16_bits, f16_bits>(c);
+    default: return run_pair<double, double>(c);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int n_random = argc > 1 ? std::atoi(argv[1]) : 600;
+  std::mt19937_64 rng(1234);
+  auto pick = [&](std::initializer_list<int> xs) {
+    return *(xs.begin() + std::uniform_int_distribution<size_t>(0, xs.size() - 1)(rng));
+  };
+  auto coin = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  int cases = 0;
+  for (int it = 0; it < n_random; ++it) {
+    Config c{};
+    c.n_cols = pick({1, 2, 3, 7, 10, 16, 33, 64, 100, 257, 1000, 1024, 1025, 1500, 4099});
+    c.width = c.n_cols > 1024 ? pick({32, 64, 128}) : pick({4, 8, 16, 32});
+    if (c.n_cols > 2000 && c.width > 64) c.width = 64;
+    c.n_rows = pick({1, 2, 5, 9});
+    c.kind = pick({0, 1, 2});
+    c.has_target = coin(0.75);
+    c.ignored_rows = coin(0.4);
+    c.nan_input = coin(0.08) && c.n_rows > 1;
+    c.masked_teacher = c.kind != 1 && coin(0.25);
+    c.temperature = coin(0.35) ? 1.0 : pick({2, 4}) * 0.75;
+    c.alpha = pick({0, 1, 2}) * 0.5;  // 0, 0.5, 1
+    c.beta = pick({1, 2, 3}) * 0.25;
+    c.smoothing = coin(0.4) ? 0.1 : 0.0;
+    c.scale_by_t2 = coin(0.8);
+    c.grad_mode = pick({0, 1, 1, 2, 2});
+    const bool misaligned = coin(0.5);
+    c.off_s = misaligned ? pick({0, 1, 2, 3, 5}) : 0;
+    c.off_t = misaligned ? (coin(0.5) ? c.off_s : pick({0, 1, 3})) : 0;
+    c.off_g = misaligned ? pick({0, 1, 2}) : 0;
+    c.pad_s = misaligned ? pick({0, 1, 3, 8}) : 0;
+    c.pad_t = misaligned ? (coin(0.5) ? c.pad_s : pick({0, 2})) : 0;
+    c.pad_g = misaligned ? pick({0, 1, 4}) : 0;
+    c.bad_target_row = (c.has_target && coin(0.03)) ? c.n_rows - 1 : -1;
+    c.seed = rng();
+    for (int pair = 0; pair < 10; ++pair) {
+      if (pair != 9 && pair != static_cast<int>(it % 9) && !coin(0.15)) continue;  // f64 always
+      run_config(pair, c);
+      ++cases;
+    }
+  }
+  std::printf("host simulation of the CUDA rows: %d cases, %d failures\n", cases, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,277 @@
+// CUDA implementation of kdfast::distill_fwd / distill_fwd_inplace.
+//
+// Same contract and the same per-element math as the CPU op (csrc/cpu/distill.cpp and the row
+// loops in csrc/cpu/rows.h): every formula is a kdfast::math function from kd_math.h, so the
+// CPU tests check the arithmetic these kernels run. The per-row passes are in distill_rows.cuh
+// (written against a thread group, so .ci/cuda_build.sh can also run them on host threads);
+// this file has the thread groups, the kernels, the launch choice and the torch op.
+//
+// Work split. A row is processed by a group of threads that cooperates through reductions:
+//   * C <= 1024 (kSubWarpMaxCols): a sub-warp of 4..32 lanes per row (shuffle reductions with the
+//     group's lane mask), many rows per 256-thread block. MNIST's C = 10 takes 4 lanes, so one
+//     warp serves 8 rows instead of leaving 22 of 32 lanes idle.
+//   * C > 1024: one block (128..512 threads) per row, warp shuffles + shared memory between warps.
+// Both loop over rows grid-stride, so any N fits the grid.
+//
+// Passes over the row (as rows.h): 1. max(s), max(t) (+ sum(s) for label smoothing);
+// 2. the exp sums; 3. the soft loss (+ for "kl" the gradient, stored); 4. "reverse_kl"/"jsd" only:
+// the gradient, which needs the finished pass-3 row sum. The CPU stashes the exps of pass 2 in a
+// per-row scratch; a GPU row of 32k-128k classes cannot stay in shared memory, and the kernel is
+// memory-bound with arithmetic headroom, so every pass re-reads s and t (L1/L2 hits for small
+// rows) and recomputes its exps with rows.h's kd_math calls (exp_nonpos, the same polynomial the
+// CPU runs, on the same arguments). Exps per element:
+// pass 2: 2 (3 with a hard term and T != 1); pass 3: kl 2-3 with the gradient, 1 without;
+// reverse_kl 1; jsd 2 + 1 exp/1 log (log-space mixture); pass 4: 1-2 (+ 1 exp/1 log for jsd).
+//
+// Loads are vectorized (16 bytes of the wider input per step: 4 x f32, 8 x 16-bit, 2 x f64) when
+// the student and teacher rows share their misalignment, after a scalar head that reaches
+// alignment, so any C (10, 50257, ...) and any row stride vectorize when the tensors are
+// contiguous; otherwise the row falls back to coalesced scalar accesses. Gradient stores are
+// vectorized when the gradient row is aligned like the student row (always for fresh or in-place
+// gradients of contiguous inputs). The element -> thread map depends on s and t only, so the
+// row sums (and the losses) are bitwise the same with or without a gradient, in place or not.
+//
+// In place, the gradient is written over the student row: every pass maps elements to threads
+// the same way, so each element is read and then written by one thread, and the label logit s[y]
+// is read by rank 0 before the first reduction (a barrier) so no gradient store can precede it.
+//
+// A target outside [0, C) and != ignore_index trips a device-side assert (no host sync), as
+// torch's own cross-entropy does.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include "../op_common.h"
+#include "distill_rows.cuh"
+#include "kdfast/kd_math.h"
+
+namespace kdfast {
+namespace cuda {
+namespace {
+
+using math::bf16_bits;
+using math::f16_bits;
+
+constexpr int kSubWarpMaxCols = 1024;   // above: one block per row
+constexpr int kSubWarpBlockThreads = 256;
+constexpr int kMinRowBlockThreads = 128;
+constexpr int kMaxRowBlockThreads = 512;
+
+// `width` consecutive lanes of one warp (4..32, a power of two) own one row.
+struct SubWarp {
+  unsigned mask;
+  int width;
+  int rank;
+
+  template <int K, int kMaxMask, class A>
+  __device__ __forceinline__ void reduce(A (&v)[K], int /*slot*/) const {
+    for (int offset = width >> 1; offset > 0; offset >>= 1) {
+      A other[K];
+#pragma unroll
+      for (int i = 0; i < K; ++i) other[i] = __shfl_xor_sync(mask, v[i], offset);
+      rows::combine<K, kMaxMask>(v, other);
+    }
+  }
+  // Orders rank 0's read of the label logit before the group's gradient stores (in place).
+  __device__ __forceinline__ void sync() const { __syncwarp(mask); }
+};
+
+// The whole block owns one row. `red` holds [3 slots][3 values][32 warps]: each of a row's three
+// reductions has its own slot, so a slot needs no barrier before its next use (the next row's
+// reduction in the same slot comes after the two reductions in between).
+template <class A>
+struct BlockGroup {
+  A* red;
+  int width;
+  int rank;
+
+  template <int K, int kMaxMask>
+  __device__ __forceinline__ void reduce(A (&v)[K], int slot) const {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      A other[K];
+#pragma unroll
+      for (int i = 0; i < K; ++i) other[i] = __shfl_xor_sync(0xffffffffu, v[i], offset);
+      rows::combine<K, kMaxMask>(v, other);
+    }
+    A* buf = red + slot * 3 * 32;
+    const int warp = rank >> 5;
+    if ((rank & 31) == 0) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) buf[i * 32 + warp] = v[i];
+    }
+    __syncthreads();
+    // Every thread combines the per-warp partials in the same order: identical results.
+#pragma unroll
+    for (int i = 0; i < K; ++i) v[i] = buf[i * 32];
+    const int n_warps = width >> 5;
+    for (int w = 1; w < n_warps; ++w) {
+      A other[K];
+#pragma unroll
+      for (int i = 0; i < K; ++i) other[i] = buf[i * 32 + w];
+      rows::combine<K, kMaxMask>(v, other);
+    }
+  }
+  // The pass-2 reduction's __syncthreads already orders the label read before any store.
+  __device__ __forceinline__ void sync() const {}
+};
+
+// Small C: `group` lanes (4..32) per row, kSubWarpBlockThreads / group rows per block.
+template <class S, class T, class Gd, class A, int V>
+__global__ void __launch_bounds__(kSubWarpBlockThreads) distill_rows_subwarp(const KernelArgs a, int group) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const unsigned mask = group == 32 ? 0xffffffffu : (((1u << group) - 1u) << (lane & ~(group - 1)));
+  const SubWarp grp{mask, group, lane & (group - 1)};
+  const int rows_per_block = static_cast<int>(blockDim.x) / group;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * rows_per_block;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / group;
+       row < a.n_rows; row += step) {
+    rows::process_row<S, T, Gd, A, V>(a, row, grp);
+  }
+}
+
+// Large C: one block per row (the row-uniform branches keep __syncthreads block-uniform).
+template <class S, class T, class Gd, class A, int V>
+__global__ void __launch_bounds__(kMaxRowBlockThreads) distill_rows_block(const KernelArgs a) {
+  __shared__ A red[3 * 3 * 32];
+  const BlockGroup<A> grp{red, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x)};
+  for (int64_t row = blockIdx.x; row < a.n_rows; row += gridDim.x) {
+    rows::process_row<S, T, Gd, A, V>(a, row, grp);
+  }
+}
+
+int next_pow2(int64_t x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+template <class S, class T, class Gd, class A>
+void launch_typed(const KernelArgs& a, cudaStream_t stream) {
+  // 16 bytes of the wider input per vector step.
+  constexpr int V = 16 / static_cast<int>(sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
+  const int64_t max_grid = INT_MAX;
+  if (a.n_cols <= kSubWarpMaxCols) {
+    // About 4 vectors per lane and pass: C = 10 -> 4 lanes, C = 1024 (f32) -> 32 lanes.
+    int group = next_pow2((a.n_cols + 4 * V - 1) / (4 * V));
+    group = group < 4 ? 4 : (group > 32 ? 32 : group);
+    const int rows_per_block = kSubWarpBlockThreads / group;
+    const int64_t blocks = std::min<int64_t>((a.n_rows + rows_per_block - 1) / rows_per_block, max_grid);
+    distill_rows_subwarp<S, T, Gd, A, V>
+        <<<static_cast<unsigned>(blocks), kSubWarpBlockThreads, 0, stream>>>(a, group);
+  } else {
+    // About 8 vectors per thread and pass, 128..512 threads.
+    int threads = next_pow2((static_cast<int64_t>(a.n_cols) + 8 * V - 1) / (8 * V));
+    threads = threads < kMinRowBlockThreads ? kMinRowBlockThreads
+                                            : (threads > kMaxRowBlockThreads ? kMaxRowBlockThreads : threads);
+    const int64_t blocks = std::min<int64_t>(a.n_rows, max_grid);
+    distill_rows_block<S, T, Gd, A, V><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class S>
+void launch_student(const KernelArgs& a, at::ScalarType teacher, cudaStream_t stream) {
+  // float16 students get a float32 gradient (see grad_dtype in op_common.h).
+  using Gd = typename std::conditional<std::is_same<S, f16_bits>::value, float, S>::type;
+  switch (teacher) {
+    case at::kFloat: return launch_typed<S, float, Gd, float>(a, stream);
+    case at::kBFloat16: return launch_typed<S, bf16_bits, Gd, float>(a, stream);
+    case at::kHalf: return launch_typed<S, f16_bits, Gd, float>(a, stream);
+    default: TORCH_CHECK(false, "kdfast: unsupported teacher dtype ", teacher);
+  }
+}
+
+void check_cuda(const PreparedInputs& in) {
+  // prepare_inputs already checked that student, teacher and target share one device.
+  TORCH_CHECK(in.student.is_cuda(), "kdfast: the CUDA kernel got student_logits on ", in.student.device());
+}
+
+// Launches the rows on the current stream. `grad` may be undefined (no gradient wanted).
+at::Tensor run(const PreparedInputs& in, const at::Tensor& grad) {
+  at::Tensor loss_rows = at::empty({in.n_rows}, in.student.options().dtype(loss_dtype(in.student)));
+  if (in.n_rows == 0) return loss_rows;
+  TORCH_CHECK_VALUE(in.n_cols <= INT_MAX, "kdfast: at most ", INT_MAX, " classes, got ", in.n_cols);
+
+  KernelArgs a{};
+  a.student = in.student.data_ptr();
+  a.student_row_stride = in.student.stride(0);
+  a.teacher = in.teacher.data_ptr();
+  a.teacher_row_stride = in.teacher.stride(0);
+  a.target = in.target.defined() ? in.target.data_ptr<int64_t>() : nullptr;
+  a.target_stride = in.target.defined() ? in.target.stride(0) : 0;
+  a.loss_rows = loss_rows.data_ptr();
+  a.grad = grad.defined() ? grad.data_ptr() : nullptr;
+  a.grad_row_stride = grad.defined() ? grad.stride(0) : 0;
+  a.n_rows = in.n_rows;
+  a.n_cols = static_cast<int32_t>(in.n_cols);
+  a.params = in.params;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType st = in.student.scalar_type();
+  const at::ScalarType tt = in.teacher.scalar_type();
+  if (st == at::kDouble || tt == at::kDouble) {
+    TORCH_CHECK(st == at::kDouble && tt == at::kDouble, "kdfast: unsupported dtype pair ", st, "/", tt);
+    launch_typed<double, double, double, double>(a, stream);
+  } else if (st == at::kFloat) {
+    launch_student<float>(a, tt, stream);
+  } else if (st == at::kBFloat16) {
+    launch_student<bf16_bits>(a, tt, stream);
+  } else if (st == at::kHalf) {
+    launch_student<f16_bits>(a, tt, stream);
+  } else {
+    TORCH_CHECK(false, "kdfast: unsupported student dtype ", st);
+  }
+  return loss_rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_fwd_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const c10::optional<at::Tensor>& target, double temperature, double alpha,
+    c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
+    bool scale_by_t2, bool compute_grad) {
+  // prepare_inputs' tensor ops guard their own device; it also checks that all inputs share one.
+  const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
+                                           alpha, kind, beta, ignore_index, label_smoothing,
+                                           scale_by_t2, /*inplace=*/false);
+  check_cuda(in);
+  const c10::cuda::CUDAGuard guard(in.student.device());
+  const auto grad_options = in.student.options().dtype(grad_dtype(in.student));
+  at::Tensor grad = compute_grad ? empty_output({in.n_rows, in.n_cols}, grad_options)
+                                 : at::empty({0}, grad_options);
+  at::Tensor loss_rows = run(in, compute_grad ? grad : at::Tensor());
+  return {loss_rows, grad};
+}
+
+at::Tensor distill_fwd_inplace_cuda(
+    at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const c10::optional<at::Tensor>& target, double temperature, double alpha,
+    c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
+    bool scale_by_t2) {
+  const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
+                                           alpha, kind, beta, ignore_index, label_smoothing,
+                                           scale_by_t2, /*inplace=*/true);
+  check_cuda(in);
+  const c10::cuda::CUDAGuard guard(in.student.device());
+  return run(in, student_logits);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
+  m.impl("distill_fwd", &distill_fwd_cuda);
+  m.impl("distill_fwd_inplace", &distill_fwd_inplace_cuda);
+}
+
+}  // namespace cuda
+}  // namespace kdfast
