@@ -83,8 +83,14 @@ if HAS_EXTENSION:
         ctx.student_dtype = student.dtype
         ctx.has_grad = grad.numel() == student.numel()
         ctx.save_for_backward(grad)
+        # The stored gradient is an output only to carry it to backward: never differentiated,
+        # and autograd must not materialize an N x C zero tensor as its incoming gradient.
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_loss_rows, _grad_of_grad):
+        if grad_loss_rows is None:
+            return (None,) * 11  # no gradient flowed into the loss (not materialized)
         if not ctx.has_grad:
             raise RuntimeError(
                 "kdfast: the forward ran with compute_grad=False (student did not require grad "
