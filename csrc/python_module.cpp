@@ -16,6 +16,10 @@ namespace py = pybind11;
 
 // kdfast._C: importing it loads this library, whose static initializers register the ops.
 PYBIND11_MODULE(_C, m) {
+  m.def("exp_rate", &kdfast::cpu::exp_rate, py::arg("seconds") = 0.2,
+        py::call_guard<py::gil_scoped_release>(),
+        "Vectorized exps per second of the CPU row loops' exp (selected ISA, all torch threads), "
+        "on in-cache data: the exp term of kdfast bench's roofline.");
   m.doc() = "kdfast compiled ops (registered as torch.ops.kdfast.*)";
   m.def(
       "build_info",

@@ -17,5 +17,8 @@ std::vector<Isa> supported_isas();
 // instruction set this CPU lacks raises instead of crashing with SIGILL.
 Isa selected_isa();
 
+// Vectorized exps per second of the row loops' exp on in-cache data, all torch threads at once.
+double exp_rate(double seconds);
+
 }  // namespace cpu
 }  // namespace kdfast

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -126,6 +127,32 @@ at::Tensor distill_fwd_inplace_cpu(
 }
 
 }  // namespace
+
+double exp_rate(double seconds) {
+  using ExpProbe = float (*)(float*, int64_t, int64_t);
+  const Isa isa = selected_isa();
+  const ExpProbe probe = isa == Isa::kAvx512 ? avx512::exp_probe
+                         : isa == Isa::kAvx2 ? avx2::exp_probe
+                                             : baseline::exp_probe;
+  constexpr int64_t kElems = 16384;  // 64 KiB per thread: in L1/L2
+  constexpr int64_t kReps = 64;
+  const int threads = at::get_num_threads();
+  std::atomic<int64_t> total{0};
+  const auto start = std::chrono::steady_clock::now();
+  double elapsed = 0.0;
+  while (elapsed < seconds) {
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        std::vector<float> buf(kElems, 0.5f);
+        volatile float sink = probe(buf.data(), kElems, kReps);
+        (void)sink;
+        total += kElems * kReps;
+      }
+    });
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  return static_cast<double>(total.load()) / elapsed;
+}
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("distill_fwd", &distill_fwd_cpu);

@@ -192,6 +192,19 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
 
 }  // namespace
 
+float exp_probe(float* buf, int64_t n, int64_t reps) {
+  float acc = 0.0f;
+  for (int64_t r = 0; r < reps; ++r) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < n; ++k) {
+      const float e = exp_nonpos(-buf[k]);
+      buf[k] = e;  // feeds the next repeat, so the work cannot be hoisted
+      acc += e;
+    }
+  }
+  return acc;
+}
+
 int64_t run_rows(const RowsArgs& g, int64_t begin, int64_t end, void* scratch) {
   // The gradient is stored in the student's dtype, except fp16 students: their unnormalized
   // gradient underflows fp16, so it stays float32 (see cpu_rows_api.h).

@@ -30,19 +30,13 @@ def bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 7) -> float:
     return 2 * n_bytes / seconds / 1e9
 
 
-def exp_rate(repeats: int = 7) -> float:
-    """Vectorized float32 exps per second with the current torch thread count, on data that
-    stays in cache (torch's own SIMD exp; kdfast's polynomial runs at about the same rate)."""
-    threads = torch.get_num_threads()
-    x = -torch.rand(threads * (1 << 16))  # 256 KiB per thread: in L2
-    y = torch.empty_like(x)
-    inner = 200
+def exp_rate(seconds: float = 0.3) -> float:
+    """Vectorized float32 exps per second with the current torch thread count: the exp the
+    fused kernel itself runs (kd_math.h exp_nonpos, selected ISA) on in-cache data. (torch.exp
+    measured 0.47 G/s per thread here, 5x slower, so it would flatter every provider.)"""
+    from kdfast import _C
 
-    def run():
-        for _ in range(inner):
-            torch.exp(x, out=y)
-
-    return inner * x.numel() / _median_seconds(run, repeats)
+    return _C.exp_rate(seconds)
 
 
 def thp_mode() -> str:

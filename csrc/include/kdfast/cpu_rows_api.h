@@ -32,8 +32,13 @@ inline int64_t scratch_elems(int64_t n_cols) { return 5 * n_cols; }
 // Processes rows [begin, end). Returns -1 on success, the index of the first row whose target
 // is outside [0, C) and not ignore_index, or -2 for an unsupported dtype pair (float64 must be
 // paired with float64).
-#define KDFAST_DECLARE_ISA(ns) \
-  namespace ns { int64_t run_rows(const RowsArgs& args, int64_t begin, int64_t end, void* scratch); }
+// exp_probe: reps passes of the row loops' exp over n in-cache floats (buf is overwritten);
+// `kdfast bench` times it as the machine's vectorized exp rate for the roofline.
+#define KDFAST_DECLARE_ISA(ns)                                                                \
+  namespace ns {                                                                               \
+  int64_t run_rows(const RowsArgs& args, int64_t begin, int64_t end, void* scratch);          \
+  float exp_probe(float* buf, int64_t n, int64_t reps);                                        \
+  }
 KDFAST_DECLARE_ISA(baseline)
 KDFAST_DECLARE_ISA(avx2)
 KDFAST_DECLARE_ISA(avx512)
