@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shapes", default=None, help="comma list of NxC, e.g. 1024x32000,256x128256")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     bench.set_defaults(func=_cmd_bench)
+    from kdfast.cli_distill import add_commands
+
+    add_commands(sub)  # cache build|info|verify, train, mnist, data mnist
     return parser
 
 

@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q --upgrade "setuptools>=64" wheel
 "$VENV/bin/pip" install -q "$TORCH_SPEC" ninja numpy pytest expecttest hypothesis ruff tqdm \
-  pytest-benchmark
+  pytest-benchmark matplotlib scikit-learn
 # Against the torch just installed: an isolated build would fetch another multi-GB torch.
 "$VENV/bin/pip" install -q -e . --no-build-isolation
 "$VENV/bin/python" -c "import kdfast, json; print(json.dumps(kdfast.build_info()))"

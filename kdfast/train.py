@@ -1,0 +1,424 @@
+"""A plain-PyTorch trainer for students, from a soft-target cache or a live teacher.
+
+:func:`fit` is one loop for every case: hard labels (no teacher), a live teacher (run on
+each batch) or a :class:`~kdfast.cache.SoftTargetCache` (rows looked up by index). Only the
+source of the teacher rows differs (:class:`LiveTeacher` / :class:`CachedTeacher`); the loss
+is always :class:`kdfast.KDLoss`. Each epoch's seed is derived from ``(seed, epoch)``, so a
+run resumed from its checkpoint continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from tqdm.auto import tqdm
+
+from kdfast.cache.ensemble import check_ensemble, combine_members, teacher_logits
+from kdfast.cache.format import CacheMismatchError, atomic_write_bytes, atomic_write_json
+from kdfast.cache.reader import SoftTargetCache
+from kdfast.module import KDLoss
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+
+
+# ------------------------------------------------------------------------------ teachers
+class LiveTeacher:
+    """Teacher rows computed on the fly: ``teacher(x)`` in eval mode under ``no_grad``
+    (an ensemble is combined as in :func:`kdfast.cache.build_cache`)."""
+
+    def __init__(self, teacher: nn.Module | Sequence[nn.Module], ensemble: str | None = None,
+                 temperature: float | None = None) -> None:
+        self.teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+        self.mode = ensemble or ("none" if len(self.teachers) == 1 else "mean_logits")
+        if self.mode == "members":
+            raise ValueError("ensemble='members' is a storage mode; a live ensemble needs "
+                             "'mean_logits' or 'mean_probs'")
+        check_ensemble(self.mode, len(self.teachers), temperature)
+        self.temperature = temperature
+
+    def prepare(self, dataset: Dataset, loss: KDLoss) -> None:
+        """Called once by :func:`fit` before training; puts the teacher(s) in eval mode."""
+        for t in self.teachers:
+            t.eval()
+        if self.mode == "mean_probs" and not math.isclose(self.temperature, loss.temperature):
+            raise ValueError(f"mean_probs ensemble built for T={self.temperature}, loss has "
+                             f"temperature={loss.temperature}")
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return teacher_logits(self.teachers, x, self.mode, self.temperature)
+
+    def describe(self) -> str:
+        return f"live teacher ({self.mode}, {len(self.teachers)} member(s))"
+
+
+class CachedTeacher:
+    """Teacher rows read from a soft-target cache by row index.
+
+    For a cache stored per member (``ensemble="members"``) pass ``combine="mean_logits"`` or
+    ``"mean_probs"``; the latter averages probabilities at the loss's temperature.
+    """
+
+    def __init__(self, cache: SoftTargetCache | str | Path, combine: str | None = None,
+                 check_dataset: bool = True) -> None:
+        self.cache = cache if isinstance(cache, SoftTargetCache) else SoftTargetCache(cache)
+        members = self.cache.ensemble["mode"] == "members"
+        if members and combine not in ("mean_logits", "mean_probs"):
+            raise ValueError(f"cache {self.cache.path} stores each ensemble member: pass "
+                             f"combine='mean_logits' or 'mean_probs', got {combine!r}")
+        if not members and combine is not None:
+            raise ValueError("combine only applies to caches built with ensemble='members'")
+        self.combine = combine
+        self.check_dataset = check_dataset
+        self.temperature: float | None = None
+
+    def prepare(self, dataset: Dataset, loss: KDLoss) -> None:
+        """Checks the cache against the training set and the loss's temperature."""
+        self.cache.check_compatible(dataset=dataset if self.check_dataset else None,
+                                    temperature=loss.temperature)
+        if len(dataset) != len(self.cache):
+            raise CacheMismatchError(f"cache has {len(self.cache)} rows, the dataset {len(dataset)}")
+        self.temperature = loss.temperature
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        rows = self.cache[idx]
+        if self.combine is not None:
+            rows = combine_members(rows, self.combine, self.temperature)
+        return rows.to(x.device)
+
+    def describe(self) -> str:
+        return f"cache {self.cache.path} ({self.cache.manifest['dtype']}, {self.cache.ensemble['mode']})"
+
+
+TeacherLike = nn.Module | Sequence[nn.Module] | SoftTargetCache | str | Path | LiveTeacher | CachedTeacher
+
+
+def as_teacher_source(teacher: TeacherLike) -> LiveTeacher | CachedTeacher:
+    """A module/ensemble becomes a :class:`LiveTeacher`; a cache or its path a
+    :class:`CachedTeacher`; sources pass through."""
+    if isinstance(teacher, (LiveTeacher, CachedTeacher)):
+        return teacher
+    if isinstance(teacher, (SoftTargetCache, str, Path)):
+        return CachedTeacher(teacher)
+    return LiveTeacher(teacher)
+
+
+# ---------------------------------------------------------------------------------- data
+class _Batches(Dataset):
+    """Map-style view whose items are whole batches: ``__getitem__(index_tensor)`` returns
+    ``(*fields, index_tensor)``. A TensorDataset is sliced with one gather per tensor instead
+    of per-item indexing plus collation."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: torch.Tensor):
+        if isinstance(self.dataset, TensorDataset):
+            parts = tuple(t[idx] for t in self.dataset.tensors)
+        else:
+            items = [self.dataset[i] for i in idx.tolist()]
+            batch = default_collate(items)
+            parts = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        return (*parts, idx)
+
+
+def _loader(dataset: Dataset, order: torch.Tensor, batch_size: int, num_workers: int) -> DataLoader:
+    # batch_size=None + a sampler of index tensors: each "item" fetched is a whole batch.
+    return DataLoader(_Batches(dataset), sampler=list(order.split(batch_size)), batch_size=None,
+                      num_workers=num_workers)
+
+
+def _split(batch, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    x, *rest, idx = batch
+    y = rest[0].to(device) if rest else None
+    return x.to(device), y, idx
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> dict:
+    """Test errors of ``model`` on a labelled dataset: ``{"errors", "n", "error_rate",
+    "loss"}`` (loss = mean cross-entropy). Runs in eval mode and restores the mode after."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    errors, total_loss, n = 0, 0.0, 0
+    try:
+        for batch in _loader(dataset, torch.arange(len(dataset)), batch_size, 0):
+            x, y, _ = _split(batch, device)
+            if y is None:
+                raise ValueError("evaluate needs a labelled dataset: items (input, label)")
+            logits = model(x)
+            errors += int((logits.argmax(-1) != y).sum())
+            total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            n += len(y)
+    finally:
+        model.train(was_training)
+    return {"errors": errors, "n": n, "error_rate": errors / max(n, 1), "loss": total_loss / max(n, 1)}
+
+
+# ------------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`fit` (JSON-able: stored in checkpoints and logs).
+
+    ``optimizer``: "sgd" (momentum, Nesterov) or "adam"; ``schedule``: "cosine" (to 0 over
+    the run, per step) or "constant"; ``warmup_epochs``: linear warm-up of the learning rate
+    from 0 over this many epochs (fractions allowed; it keeps the first steps of a high-T
+    soft term, whose gradients grow with the teacher's logits, from wrecking the student);
+    ``max_batches``: cap on batches per epoch (timing runs, smoke tests); ``eval_every``:
+    evaluate every k epochs (and after the last).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    max_batches: int | None = None
+    eval_every: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
+            raise ValueError(f"max_batches must be None or a positive int, got {self.max_batches!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite float, got {self.lr!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs):
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], "
+                             f"got {self.warmup_epochs!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+
+@dataclass
+class TrainResult:
+    """``history``: one dict per epoch (train_loss, lr, seconds, rows_per_s and, when
+    evaluated, test_errors / test_n / test_error_rate); ``seconds``: wall time of this call."""
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Atomically writes a checkpoint (``torch.save`` of tensors and plain data; load it
+    with :func:`load_checkpoint`, which uses ``weights_only=True``)."""
+    atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module | None, dict]:
+    """Loads a checkpoint written by :func:`fit`; returns ``(model, payload)`` where model is
+    rebuilt from the stored spec (None when fit had no ``model_spec``)."""
+    from kdfast.models import build_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "kdfast-checkpoint":
+        raise ValueError(f"{path} is not a kdfast checkpoint")
+    model = None
+    if payload.get("model_spec"):
+        model = build_model(payload["model_spec"])
+        model.load_state_dict(payload["state_dict"])
+    return model, payload
+
+
+def fit(
+    student: nn.Module,
+    train_data: Dataset,
+    *,
+    teacher: TeacherLike | None = None,
+    loss: KDLoss | None = None,
+    config: TrainConfig | None = None,
+    eval_data: Dataset | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    model_spec: dict | None = None,
+    name: str = "student",
+    progress: bool = True,
+) -> TrainResult:
+    """Trains ``student`` on ``train_data``; returns the per-epoch history.
+
+    Args:
+        student: the model to train (in place), on the device of its parameters.
+        train_data: map-style dataset of ``(input, label)`` or just ``input`` (an unlabelled
+            transfer set: then the loss is the soft term alone). Row i must be row i of the
+            cache when ``teacher`` is a cache.
+        teacher: None (hard labels: cross-entropy), an ``nn.Module`` / ensemble (live), a
+            :class:`SoftTargetCache` or cache path (rows looked up by index), or a
+            :class:`LiveTeacher` / :class:`CachedTeacher`.
+        loss: the :class:`kdfast.KDLoss` used with a teacher (default ``KDLoss()``).
+        config: :class:`TrainConfig` (epochs, batch size, optimizer, schedule, seed, ...).
+        eval_data: labelled dataset evaluated every ``config.eval_every`` epochs.
+        augment: ``augment(x, generator) -> x`` applied to training inputs (e.g. jitter).
+            Not allowed with a cache, whose rows belong to the un-augmented inputs.
+        out_dir: where ``checkpoint.pt`` (each epoch, atomic) and ``metrics.json`` go.
+        resume: continue from ``out_dir/checkpoint.pt`` if present (same config required).
+        model_spec: JSON-able spec stored in the checkpoint so :func:`load_checkpoint` can
+            rebuild the model (see :func:`kdfast.models.build_model`).
+        name: label for the progress bar and the log.
+        progress: show progress bars (epochs; rows/s and loss within an epoch).
+    """
+    cfg = config or TrainConfig()
+    if teacher is None and loss is not None:
+        raise ValueError("loss is the distillation loss and needs a teacher; without one, fit "
+                         "trains on hard labels with cross-entropy")
+    source = as_teacher_source(teacher) if teacher is not None else None
+    if source is not None:
+        loss = loss or KDLoss()
+        if not isinstance(loss, KDLoss):
+            raise TypeError(f"loss must be a kdfast.KDLoss, got {type(loss).__name__}")
+        if augment is not None and isinstance(source, CachedTeacher):
+            raise ValueError("augment cannot be combined with a cached teacher: the cached rows "
+                             "are the teacher's outputs on the un-augmented inputs")
+        source.prepare(train_data, loss)
+    device = next(student.parameters()).device
+    run_config = {
+        "name": name, "train": asdict(cfg),
+        "loss": None if source is None else {
+            "temperature": loss.temperature, "alpha": loss.alpha, "kind": loss.kind},
+        "teacher": None if source is None else source.describe(),
+        "augment": None if augment is None else getattr(augment, "__name__", repr(augment)),
+        "model_spec": model_spec, "train_rows": len(train_data),
+    }
+
+    n = len(train_data)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    if cfg.max_batches:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_batches)
+    optimizer = _make_optimizer(student, cfg)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        if cfg.schedule == "constant":
+            return warm
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    result = TrainResult()
+    start_epoch = 0
+    ckpt_path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    if ckpt_path is not None:
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and ckpt_path.exists():
+            payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            saved = payload.get("run_config") or {}
+            if saved != run_config:
+                diff = sorted(k for k in run_config if saved.get(k) != run_config[k])
+                raise ValueError(f"{ckpt_path} was written by a run with another configuration "
+                                 f"(differs in: {', '.join(diff)}); use another out_dir, or "
+                                 "resume=False to start over")
+            student.load_state_dict(payload["state_dict"])
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            result.history = list(payload["history"])
+            start_epoch = payload["epoch"]
+
+    began = time.perf_counter()
+    epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc=name, unit="epoch", disable=not progress,
+                      initial=start_epoch, total=cfg.epochs, dynamic_ncols=True)
+    for epoch in epochs_bar:
+        record = _train_epoch(student, train_data, source, loss, cfg, optimizer, scheduler,
+                              augment, epoch, steps_per_epoch, device, progress)
+        last = epoch + 1 == cfg.epochs
+        if eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+            ev = evaluate(student, eval_data)
+            record.update(test_errors=ev["errors"], test_n=ev["n"], test_error_rate=ev["error_rate"],
+                          test_loss=ev["loss"])
+            epochs_bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_err=ev["errors"])
+        else:
+            epochs_bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+        result.history.append(record)
+        if out_dir is not None:
+            save_checkpoint(ckpt_path, {
+                "format": "kdfast-checkpoint", "version": 1, "epoch": epoch + 1,
+                "run_config": run_config, "model_spec": model_spec,
+                "state_dict": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "history": result.history,
+            })
+            atomic_write_json(Path(out_dir) / METRICS, {"config": run_config, "epochs": result.history})
+    epochs_bar.close()
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment, epoch,
+                 steps, device, progress) -> dict:
+    seed = _epoch_seed(cfg.seed, epoch)
+    torch.manual_seed(seed)  # dropout
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    order = order[: steps * cfg.batch_size]
+    aug_gen = torch.Generator().manual_seed(seed + 1)
+    student.train()
+    total, rows, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="row", unit_scale=True,
+               leave=False, disable=not progress, dynamic_ncols=True)
+    for step, batch in enumerate(_loader(data, order, cfg.batch_size, cfg.num_workers)):
+        x, y, idx = _split(batch, device)
+        if augment is not None:
+            x = augment(x, aug_gen)
+        out = student(x)
+        if source is None:
+            if y is None:
+                raise ValueError("training without a teacher needs labels: items (input, label)")
+            value = nn.functional.cross_entropy(out, y)
+        else:
+            soft = source(x, idx)
+            if soft.shape[-1] != out.shape[-1]:
+                raise CacheMismatchError(f"teacher rows have C={soft.shape[-1]} classes, the student "
+                                         f"outputs C={out.shape[-1]}")
+            value = loss(out, soft, y)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(value.detach()) * len(x)
+        rows += len(x)
+        bar.update(len(x))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{float(value.detach()):.4f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "train_loss": total / max(rows, 1), "lr": optimizer.param_groups[0]["lr"],
+            "seconds": seconds, "rows_per_s": rows / seconds if seconds > 0 else 0.0}
