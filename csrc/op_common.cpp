@@ -117,4 +117,9 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   return out;
 }
 
+at::Tensor allocate_grad(const PreparedInputs& in, bool compute_grad) {
+  const auto options = in.student.options().dtype(grad_dtype(in.student));
+  return compute_grad ? empty_output({in.n_rows, in.n_cols}, options) : at::empty({0}, options);
+}
+
 }  // namespace kdfast

@@ -41,4 +41,8 @@ at::ScalarType grad_dtype(const at::Tensor& student);
 // page fault per 4 KiB, which on a (1024, 32000) float32 buffer took longer than the kernel.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// distill_fwd's gradient output: (N, C) from empty_output, or an empty (0,) tensor of the
+// same dtype when no gradient is wanted.
+at::Tensor allocate_grad(const PreparedInputs& in, bool compute_grad);
+
 }  // namespace kdfast

@@ -108,9 +108,7 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_cpu(
   const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
                                            alpha, kind, beta, ignore_index, label_smoothing,
                                            scale_by_t2, /*inplace=*/false);
-  const auto grad_options = in.student.options().dtype(grad_dtype(in.student));
-  at::Tensor grad = compute_grad ? empty_output({in.n_rows, in.n_cols}, grad_options)
-                                 : at::empty({0}, grad_options);
+  at::Tensor grad = allocate_grad(in, compute_grad);
   at::Tensor loss_rows = run(in, compute_grad ? grad : at::Tensor());
   return {loss_rows, grad};
 }
