@@ -176,8 +176,11 @@ class TrainConfig:
     the run, per step) or "constant"; ``warmup_epochs``: linear warm-up of the learning rate
     from 0 over this many epochs (fractions allowed; it keeps the first steps of a high-T
     soft term, whose gradients grow with the teacher's logits, from wrecking the student);
-    ``max_batches``: cap on batches per epoch (timing runs, smoke tests); ``eval_every``:
-    evaluate every k epochs (and after the last).
+    ``clip_grad_norm``: rescale the gradient to at most this global L2 norm (None: off; with
+    T**2 scaling the soft term's early gradients grow like T times the teacher's logits, so
+    high-T distillation from a confident teacher needs it); ``max_batches``: cap on batches
+    per epoch (timing runs, smoke tests); ``eval_every``: evaluate every k epochs (and after
+    the last).
     """
 
     epochs: int = 10
@@ -188,6 +191,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
+    clip_grad_norm: float | None = None
     seed: int = 0
     max_batches: int | None = None
     eval_every: int = 1
@@ -207,6 +211,9 @@ class TrainConfig:
         if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs):
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], "
                              f"got {self.warmup_epochs!r}")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm)
+                                                    and self.clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm must be None or > 0, got {self.clip_grad_norm!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
 
@@ -343,7 +350,11 @@ def fit(
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         if resume and ckpt_path.exists():
             payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            saved = payload.get("run_config") or {}
+            saved = dict(payload.get("run_config") or {})
+            if isinstance(saved.get("train"), dict):
+                # Options added to TrainConfig after the checkpoint was written count as their
+                # defaults (which keep the old behaviour), so old runs still resume.
+                saved["train"] = {**asdict(TrainConfig()), **saved["train"]}
             if saved != run_config:
                 diff = sorted(k for k in run_config if saved.get(k) != run_config[k])
                 raise ValueError(f"{ckpt_path} was written by a run with another configuration "
@@ -411,6 +422,8 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
             value = loss(out, soft, y)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
+        if cfg.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
         optimizer.step()
         scheduler.step()
         total += float(value.detach()) * len(x)

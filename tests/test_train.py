@@ -19,6 +19,7 @@ from kdfast.train import (
     evaluate,
     fit,
     load_checkpoint,
+    save_checkpoint,
 )
 
 D, C, N = 20, 6, 256
@@ -138,6 +139,18 @@ def test_resume_refuses_another_configuration(tmp_path, toy):
         resume=False)
 
 
+def test_checkpoint_from_before_a_new_option_still_resumes(tmp_path, toy):
+    cfg = TrainConfig(epochs=1, batch_size=64)
+    fit(student_for(), toy, config=cfg, out_dir=tmp_path, progress=False)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del payload["run_config"]["train"]["clip_grad_norm"]  # as written by an older kdfast
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
+    assert len(fit(student_for(), toy, config=cfg, out_dir=tmp_path, progress=False).history) == 1
+    with pytest.raises(ValueError, match="differs in: train"):  # not at its default: refused
+        fit(student_for(), toy, config=TrainConfig(epochs=1, batch_size=64, clip_grad_norm=1.0),
+            out_dir=tmp_path, progress=False)
+
+
 def test_seed_makes_runs_reproducible(toy):
     cfg = TrainConfig(epochs=2, batch_size=32, seed=4)
     a, b = student_for(), student_for()
@@ -182,7 +195,8 @@ def test_argument_errors(tmp_path, toy):
                           ({"lr": -1.0}, "lr must be"),
                           ({"optimizer": "lbfgs"}, "optimizer must be"),
                           ({"max_batches": 0}, "max_batches"),
-                          ({"epochs": 2, "warmup_epochs": 3}, "warmup_epochs must be in")):
+                          ({"epochs": 2, "warmup_epochs": 3}, "warmup_epochs must be in"),
+                          ({"clip_grad_norm": 0.0}, "clip_grad_norm must be")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kwargs)
 
@@ -194,6 +208,19 @@ def test_warmup_then_cosine_schedule(toy):
     cfg = TrainConfig(epochs=2, batch_size=64, lr=0.2)
     lrs = [h["lr"] for h in fit(student_for(), toy, config=cfg, progress=False).history]
     assert lrs == pytest.approx([0.1, 0.0], abs=1e-12)  # cosine: half-way, then 0
+
+
+def test_clip_grad_norm_bounds_each_step(toy):
+    """With a tiny clip norm and plain SGD, no step moves the weights by more than lr * norm."""
+    before = student_for()
+    after = student_for()
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=1.0, momentum=0.0, clip_grad_norm=1e-3,
+                      schedule="constant", max_batches=1)
+    fit(after, toy, teacher=teacher_for(), loss=kdfast.KDLoss(temperature=20.0, alpha=0.9), config=cfg,
+        progress=False)
+    moved = torch.cat([(a - b).flatten() for a, b in zip(after.parameters(), before.parameters(),
+                                                          strict=True)])
+    assert 0 < moved.norm() <= 1e-3 * (1 + 1e-5)
 
 
 def test_jitter_shifts_by_at_most_two_pixels():
