@@ -68,8 +68,6 @@ inline Params make_params(int32_t kind, bool has_target, int64_t ignore_index,
 }
 
 // Overloads the kernels call, so float rows use float transcendentals and double rows double.
-KD_HD float kd_exp(float x) { return expf(x); }
-KD_HD double kd_exp(double x) { return exp(x); }
 KD_HD float kd_log(float x) { return logf(x); }
 KD_HD double kd_log(double x) { return log(x); }
 // Bit casts the vectorizer sees through (a union round-trips through the stack in GCC).
@@ -127,7 +125,6 @@ KD_HD float log1p_unit(float u) {
 KD_HD double log1p_unit(double u) { return log1p(u); }
 
 template <class A> KD_HD A kd_max(A x, A y) { return x > y ? x : y; }
-template <class A> KD_HD A kd_min(A x, A y) { return x < y ? x : y; }
 template <class A> KD_HD A neg_inf() { return -static_cast<A>(INFINITY); }
 
 // ---- storage types: bit-compatible with at::BFloat16 / at::Half, usable without torch ----
@@ -208,7 +205,7 @@ template <class A>
 KD_HD A log_mixture(A log_p, A log_q, A log_beta, A log1m_beta) {
   const A x = log_p + log_beta;
   const A y = log_q + log1m_beta;
-  // Written so a NaN in either argument reaches the result (kd_min would drop a NaN x).
+  // Written so a NaN in either argument reaches the result (a plain min would drop a NaN x).
   const A hi = x > y ? x : y;
   const A lo = x > y ? y : x;
   const A tail = log1p_unit(exp_nonpos(lo - hi));
