@@ -18,7 +18,7 @@ namespace {
 
 using DistillFwdSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double, double,
-    c10::string_view, double, int64_t, double, bool, bool);
+    c10::string_view, double, int64_t, double, bool, bool, bool);
 
 const c10::TypedOperatorHandle<DistillFwdSig>& distill_fwd_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -69,47 +69,19 @@ DistillResult distillation_loss(const at::Tensor& student_logits,
   c10::optional<at::Tensor> flat_target;
   if (has_target) flat_target = target->detach().reshape({-1});
 
+  // "mean": the op divides loss_i and its gradient by the number of counted rows itself
+  // (on the device, no host sync), so the gradient needs no second pass.
+  const bool mean = reduction == Reduction::kMean;
   auto [loss_rows, grad] = distill_fwd_op().call(
       student, teacher, flat_target, options.temperature, options.alpha, options.kind,
       options.beta, options.ignore_index, options.label_smoothing, options.scale_by_t2,
-      /*compute_grad=*/true);
+      /*compute_grad=*/true, /*average_rows=*/mean);
 
   DistillResult out;
-  at::Tensor scale;  // 0-d, loss_rows' dtype; undefined = 1
-  switch (reduction) {
-    case Reduction::kNone:
-      out.loss = loss_rows.reshape(batch_shape);
-      break;
-    case Reduction::kSum:
-      out.loss = loss_rows.sum();
-      break;
-    case Reduction::kMean: {
-      // The number of counted rows stays on the device (no host sync), clamped to >= 1.
-      at::Tensor count = has_target ? flat_target->ne(options.ignore_index).sum()
-                                    : at::scalar_tensor(static_cast<double>(loss_rows.numel()),
-                                                        loss_rows.options());
-      count = count.clamp_min(1).to(loss_rows.scalar_type());
-      out.loss = loss_rows.sum().div(count);
-      scale = count.reciprocal();
-      break;
-    }
-  }
-
-  // grad holds d loss_i / d student_i: the student's dtype, float32 for float16, float64 when
-  // either input is float64. The 1/n factor is applied in float32 (or float64) and the product
-  // rounded once into the student's dtype, as the Python autograd formula does.
-  const at::ScalarType out_dtype = student_logits.scalar_type();
-  if (!scale.defined()) {
-    grad = grad.to(out_dtype);  // "sum", "none": d loss / d loss_i = 1
-  } else if (grad.scalar_type() == out_dtype && out_dtype == scale.scalar_type()) {
-    grad.mul_(scale);  // float32 / float64: grad is a fresh buffer of ours
-  } else {
-    // One pass: a (1, 1) (not 0-d) factor takes part in type promotion, so mul_out computes
-    // in float32 (float64) and rounds once into the student's dtype.
-    at::Tensor cast = at::empty(grad.sizes(), grad.options().dtype(out_dtype));
-    at::mul_out(cast, grad, scale.reshape({1, 1}));
-    grad = cast;
-  }
+  out.loss = reduction == Reduction::kNone ? loss_rows.reshape(batch_shape) : loss_rows.sum();
+  // grad is the student's dtype, except float32 for float16 students (see op_common.h) and
+  // float64 when either input is float64: cast only then.
+  grad = grad.to(student_logits.scalar_type());
   out.grad_student = grad.reshape(student_logits.sizes());
   return out;
 }

@@ -4,17 +4,19 @@
 
 TORCH_LIBRARY(kdfast, m) {
   // Row losses (N,) in float32 (float64 for float64 inputs) and the per-row gradient of
-  // loss_i with respect to student_logits (N, C), unnormalized by the reduction; the gradient
-  // is empty when compute_grad is false. See kdfast/ops.py for the full contract.
+  // loss_i with respect to student_logits (N, C); the gradient is empty when compute_grad is
+  // false. average_rows divides both by the number of counted rows (so loss_rows.sum() is the
+  // "mean" reduction and its gradient needs no second pass). See kdfast/ops.py.
   m.def(
       "distill_fwd(Tensor student_logits, Tensor teacher_logits, Tensor? target, "
       "float temperature, float alpha, str kind, float beta, int ignore_index, "
-      "float label_smoothing, bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor)");
+      "float label_smoothing, bool scale_by_t2, bool compute_grad, bool average_rows=False) "
+      "-> (Tensor, Tensor)");
   // Same, but the gradient overwrites student_logits (saves one N x C buffer).
   m.def(
       "distill_fwd_inplace(Tensor(a!) student_logits, Tensor teacher_logits, Tensor? target, "
       "float temperature, float alpha, str kind, float beta, int ignore_index, "
-      "float label_smoothing, bool scale_by_t2) -> Tensor");
+      "float label_smoothing, bool scale_by_t2, bool average_rows=False) -> Tensor");
   // Backward of distill_fwd: grad * row_scale[:, None] computed in float32 (or wider), rounded
   // once into `dtype`, written to a fresh buffer (huge-page backed on Linux CPUs).
   m.def("scale_rows(Tensor grad, Tensor row_scale, ScalarType dtype) -> Tensor");

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from kdfast import reference
-from kdfast._checks import check_distillation_args, reduce_rows
+from kdfast._checks import check_distillation_args
 from kdfast._ext import HAS_EXTENSION
-from kdfast.ops import once_differentiable_output
+from kdfast.ops import once_differentiable_output, scale_rows_in_place
 
 __all__ = ["distillation_loss", "DistillationLossFunction"]
 
@@ -84,6 +84,9 @@ def distillation_loss(
     student = student_logits.reshape(-1, n_cols)
     teacher = teacher_logits.reshape(-1, n_cols)
     flat_target = target.reshape(-1) if target is not None else None
+    # "mean": the op divides each row loss (and its gradient) by the counted rows itself, so
+    # the loss is a plain sum and backward does no work when grad_output is 1.
+    average = reduction in ("mean", "batchmean")
     args = (teacher, flat_target, float(temperature), float(alpha), kind, float(beta),
             int(ignore_index), float(label_smoothing), bool(scale_by_t2))
     if inplace:
@@ -91,19 +94,20 @@ def distillation_loss(
         # gradient right, through the copy's backward; it only loses the memory saving.
         if student.stride(-1) != 1 and n_cols > 1:
             student = student.contiguous()
-        loss_rows = DistillationLossFunction.apply(student, *args)
+        loss_rows = DistillationLossFunction.apply(student, *args, average)
     else:
         compute_grad = student.requires_grad and torch.is_grad_enabled()
-        loss_rows, _ = torch.ops.kdfast.distill_fwd(student, *args, compute_grad)
-    counted = flat_target != ignore_index if flat_target is not None else None
-    return reduce_rows(loss_rows, counted, reduction, batch_shape)
+        loss_rows, _ = torch.ops.kdfast.distill_fwd(student, *args, compute_grad, average)
+    if reduction == "none":
+        return loss_rows.reshape(batch_shape)
+    return loss_rows.sum()
 
 
 class DistillationLossFunction(torch.autograd.Function):
     """The autograd Function behind ``inplace=True``: per-row losses of ``student`` (N, C).
 
     ``apply(student, teacher, target, temperature, alpha, kind, beta, ignore_index,
-    label_smoothing, scale_by_t2) -> loss_rows (N,)``. Forward writes d loss_i / d student into
+    label_smoothing, scale_by_t2, average_rows) -> loss_rows (N,)``. Forward writes d loss_i / d student into
     ``student``'s buffer; backward scales that buffer in place by grad_loss_rows and returns
     it, so no N x C buffer is allocated at all. Calling backward twice raises (the saved buffer
     was already consumed).
@@ -111,10 +115,10 @@ class DistillationLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, target, temperature, alpha, kind, beta, ignore_index,
-                label_smoothing, scale_by_t2):
+                label_smoothing, scale_by_t2, average_rows=False):
         loss_rows = torch.ops.kdfast.distill_fwd_inplace(
             student, teacher, target, temperature, alpha, kind, beta, ignore_index,
-            label_smoothing, scale_by_t2,
+            label_smoothing, scale_by_t2, average_rows,
         )
         # The op writes through a raw pointer; tell autograd the buffer changed so any other
         # saved reference to the logits fails loudly instead of reading the gradient.
@@ -126,7 +130,9 @@ class DistillationLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss_rows):
         (grad,) = ctx.saved_tensors
         with torch.no_grad():
-            # Computed in float32 (or wider) and rounded once into grad's dtype.
-            grad.mul_(grad_loss_rows.unsqueeze(-1))
+            grad = scale_rows_in_place(grad, grad_loss_rows, grad.dtype)
+        # Consumed: a second backward must fail on the version check even when the scale was 1
+        # and the buffer was left untouched (its new owner may modify it).
+        torch.autograd.graph.increment_version(grad)
         # Detached: the buffer is the student's, whose graph must not be differentiated into.
-        return (once_differentiable_output(grad.detach()),) + (None,) * 9
+        return (once_differentiable_output(grad.detach()),) + (None,) * 10

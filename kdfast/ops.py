@@ -1,7 +1,8 @@
 """Python registrations for the compiled ops: fake (meta) kernels and autograd.
 
 ``torch.ops.kdfast.distill_fwd(student, teacher, target, temperature, alpha, kind, beta,
-ignore_index, label_smoothing, scale_by_t2, compute_grad) -> (loss_rows, grad)``
+ignore_index, label_smoothing, scale_by_t2, compute_grad, average_rows=False)
+-> (loss_rows, grad)``
 
 - ``student``, ``teacher``: (N, C) float32/bfloat16/float16/float64 (float64 pairs only with
   float64: the op upcasts the other side), the class dimension may have any stride.
@@ -11,12 +12,18 @@ ignore_index, label_smoothing, scale_by_t2, compute_grad) -> (loss_rows, grad)``
 - ``grad``: (N, C) d loss_i / d student_i, not yet scaled by the reduction or by grad_output;
   the student's dtype except float16 -> float32 (the unnormalized gradient would underflow
   float16). Empty when ``compute_grad`` is False, which skips all gradient work.
+- ``average_rows``: both outputs are divided by the number of counted rows (target !=
+  ignore_index; N without target; at least 1), counted by the op itself (on the device for
+  CUDA: no host sync). Then ``loss_rows.sum()`` is the "mean" reduction and its backward,
+  with grad_output 1, scales by exactly 1.
 
 The autograd formula is the chain rule through the row losses: d student = grad *
-grad_loss_rows[:, None] (``torch.ops.kdfast.scale_rows``, one pass into a fresh buffer).
-Reductions (mean/sum) are ordinary torch ops on ``loss_rows``, so
-1/n and grad_output arrive in float32 and the product is rounded once into the student's
-dtype. Backward recomputes nothing and never syncs with the host.
+grad_loss_rows[:, None], computed in float32 (or float64) and rounded once into the
+student's dtype. In eager mode the first backward does this in ``grad``'s own buffer (nothing
+at all when every row's scale is 1) and returns that buffer, which autograd adopts as
+``.grad`` without a copy: no second N x C buffer. A later backward through the same graph
+(retain_graph=True) recomputes ``grad`` from the saved inputs. Under torch.compile the product
+goes to a fresh buffer (``torch.ops.kdfast.scale_rows``), as functional graphs require.
 
 ``torch.ops.kdfast.distill_fwd_inplace(student, ...) -> loss_rows`` writes ``grad`` into
 ``student`` instead (float32/bfloat16/float64 students only); see kdfast.functional.
@@ -42,6 +49,25 @@ def once_differentiable_output(grad: torch.Tensor) -> torch.Tensor:
     return torch._C._functions.DelayedError(ONCE_DIFFERENTIABLE, 1)(grad.requires_grad_())
 
 
+def scale_rows_in_place(grad: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * row_scale[:, None]`` as ``dtype``, reusing ``grad``'s buffer when the dtypes
+    match; nothing is done when the scale is 1 everywhere (the "mean"/"sum" loss with
+    grad_output 1). The product is computed in float32 (or float64) and rounded once."""
+    if grad.dtype != dtype:
+        return torch.ops.kdfast.scale_rows(grad, row_scale, dtype)
+    if row_scale.numel() == 0:
+        return grad
+    if row_scale.stride(0) == 0 or row_scale.numel() == 1:
+        # One value for every row (the backward of a sum). Reading it syncs, so only on CPU.
+        if grad.is_cpu:
+            value = row_scale[0].item()
+            if value != 1.0:
+                grad.mul_(value)
+            return grad
+        return grad.mul_(row_scale[:1].unsqueeze(-1))
+    return grad.mul_(row_scale.unsqueeze(-1))
+
+
 def loss_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
     wide = torch.float64 in (student.dtype, teacher.dtype)
     return torch.float64 if wide else torch.float32
@@ -58,7 +84,7 @@ if HAS_EXTENSION:
     @torch.library.register_fake("kdfast::distill_fwd")
     def _distill_fwd_fake(
         student, teacher, target, temperature, alpha, kind, beta, ignore_index,
-        label_smoothing, scale_by_t2, compute_grad,
+        label_smoothing, scale_by_t2, compute_grad, average_rows=False,
     ):
         n_rows, n_cols = student.shape
         loss_rows = student.new_empty((n_rows,), dtype=loss_dtype(student, teacher))
@@ -69,7 +95,7 @@ if HAS_EXTENSION:
     @torch.library.register_fake("kdfast::distill_fwd_inplace")
     def _distill_fwd_inplace_fake(
         student, teacher, target, temperature, alpha, kind, beta, ignore_index,
-        label_smoothing, scale_by_t2,
+        label_smoothing, scale_by_t2, average_rows=False,
     ):
         return student.new_empty((student.shape[0],), dtype=loss_dtype(student, teacher))
 
@@ -77,29 +103,53 @@ if HAS_EXTENSION:
     def _scale_rows_fake(grad, row_scale, dtype):
         return grad.new_empty(grad.shape, dtype=dtype)
 
+    def _is_eager(t: torch.Tensor) -> bool:
+        # A plain tensor outside torch.compile's tracing: its buffer may be handed to autograd.
+        return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
     def _setup_context(ctx, inputs, output):
-        student = inputs[0]
+        student, teacher, target = inputs[:3]
         _, grad = output
         ctx.student_dtype = student.dtype
         ctx.has_grad = grad.numel() == student.numel()
-        ctx.save_for_backward(grad)
         # The stored gradient is an output only to carry it to backward: never differentiated,
         # and autograd must not materialize an N x C zero tensor as its incoming gradient.
         ctx.mark_non_differentiable(grad)
         ctx.set_materialize_grads(False)
+        ctx.eager = _is_eager(grad)
+        if ctx.eager:
+            # The first backward scales the buffer in place and hands it to autograd (which
+            # adopts it as .grad: no second N x C buffer, no second pass when the scale is 1).
+            # A later backward (retain_graph=True) recomputes from the inputs, which autograd
+            # checks were not modified in place.
+            ctx.grad_buffer = grad
+            ctx.save_for_backward(student, teacher, target)
+            ctx.op_args = inputs[3:]
+        else:
+            ctx.save_for_backward(grad)
 
     def _backward(ctx, grad_loss_rows, _grad_of_grad):
         if grad_loss_rows is None:
-            return (None,) * 11  # no gradient flowed into the loss (not materialized)
+            return (None,) * 12  # no gradient flowed into the loss (not materialized)
         if not ctx.has_grad:
             raise RuntimeError(
                 "kdfast: the forward ran with compute_grad=False (student did not require grad "
                 "or grad mode was off), so there is no gradient to return"
             )
-        (grad,) = ctx.saved_tensors
         with torch.no_grad():
-            d_student = torch.ops.kdfast.scale_rows(grad, grad_loss_rows, ctx.student_dtype)
-        return (once_differentiable_output(d_student),) + (None,) * 10
+            if not ctx.eager:
+                (grad,) = ctx.saved_tensors
+                d_student = torch.ops.kdfast.scale_rows(grad, grad_loss_rows, ctx.student_dtype)
+            else:
+                grad, ctx.grad_buffer = ctx.grad_buffer, None
+                if grad is None:
+                    student, teacher, target = ctx.saved_tensors
+                    _, grad = torch.ops.kdfast.distill_fwd(
+                        student.detach(), teacher, target, *ctx.op_args[:7], True, *ctx.op_args[8:]
+                    )
+                d_student = scale_rows_in_place(grad, grad_loss_rows, ctx.student_dtype)
+                del grad  # autograd adopts d_student as .grad only if it holds the last reference
+        return (once_differentiable_output(d_student),) + (None,) * 11
 
     torch.library.register_autograd(
         "kdfast::distill_fwd", _backward, setup_context=_setup_context

@@ -90,6 +90,10 @@ def _fwd_samples():
     # Class dimension with a stride: the op accepts any strides.
     wide = torch.randn(n, 2 * c, generator=gen(114))
     out.append((wide[:, ::2], t, y, 2.0, 0.5, "kl", 0.5, IGNORE, 0.0, True, True))
+    # average_rows: loss_rows and grad divided by the counted rows (with and without target).
+    out.append((s, t, y, 2.0, 0.5, "kl", 0.5, IGNORE, 0.1, True, True, True))
+    out.append((s.detach().to(torch.bfloat16).requires_grad_(), t, None, 3.0, 0.5, "jsd", 0.5, IGNORE, 0.0,
+                True, True, True))
     return out
 
 
@@ -105,8 +109,9 @@ def test_opcheck_distill_fwd_inplace(dtype, with_target):
     s = torch.randn(6, 11, generator=gen(115)).to(dtype)
     t = torch.randn(6, 11, generator=gen(116)).to(dtype)
     y = torch.tensor([0, 3, IGNORE, 10, 7, 1]) if with_target else None
-    torch.library.opcheck(torch.ops.kdfast.distill_fwd_inplace.default,
-                          (s, t, y, 2.0, 0.5, "kl", 0.5, IGNORE, 0.1, True))
+    for average_rows in (False, True):
+        torch.library.opcheck(torch.ops.kdfast.distill_fwd_inplace.default,
+                              (s.clone(), t, y, 2.0, 0.5, "kl", 0.5, IGNORE, 0.1, True, average_rows))
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -38,20 +39,24 @@ int32_t dtype_code(at::ScalarType t) {
   }
 }
 
-void check_targets(const PreparedInputs& in) {
+// Validates every target and returns how many rows count (target != ignore_index).
+int64_t check_targets(const PreparedInputs& in) {
   const int64_t* y = in.target.data_ptr<int64_t>();
   const int64_t stride = in.target.stride(0);
   const int64_t ignore = in.params.ignore_index;
+  int64_t counted = 0;
   for (int64_t i = 0; i < in.n_rows; ++i) {
     const int64_t v = y[i * stride];
     TORCH_CHECK_VALUE(v == ignore || (v >= 0 && v < in.n_cols), "target[", i, "] = ", v,
                       " is out of range: expected a class index in [0, ", in.n_cols,
                       ") or ignore_index=", ignore);
+    counted += v != ignore;
   }
+  return counted;
 }
 
 // Runs the rows across threads. `grad` may be undefined (no gradient wanted).
-at::Tensor run(const PreparedInputs& in, const at::Tensor& grad) {
+at::Tensor run(const PreparedInputs& in, const at::Tensor& grad, bool average_rows) {
   at::Tensor loss_rows = at::empty({in.n_rows}, in.student.options().dtype(loss_dtype(in.student)));
   if (in.n_rows == 0) return loss_rows;
 
@@ -73,7 +78,10 @@ at::Tensor run(const PreparedInputs& in, const at::Tensor& grad) {
 
   // Validate every target before any row is written: in-place mode overwrites the student,
   // so a bad label found mid-way must not leave it half-replaced by gradients.
-  if (in.target.defined()) check_targets(in);
+  const int64_t counted = in.target.defined() ? check_targets(in) : in.n_rows;
+  if (average_rows) {
+    math::scale_params(args.params, 1.0 / static_cast<double>(std::max<int64_t>(counted, 1)));
+  }
   const RunRows fn = rows_fn(selected_isa());
   const size_t elem = in.student.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
   const int64_t scratch_bytes = scratch_elems(in.n_cols) * static_cast<int64_t>(elem);
@@ -104,12 +112,12 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const c10::optional<at::Tensor>& target, double temperature, double alpha,
     c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
-    bool scale_by_t2, bool compute_grad) {
+    bool scale_by_t2, bool compute_grad, bool average_rows) {
   const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
                                            alpha, kind, beta, ignore_index, label_smoothing,
                                            scale_by_t2, /*inplace=*/false);
   at::Tensor grad = allocate_grad(in, compute_grad);
-  at::Tensor loss_rows = run(in, compute_grad ? grad : at::Tensor());
+  at::Tensor loss_rows = run(in, compute_grad ? grad : at::Tensor(), average_rows);
   return {loss_rows, grad};
 }
 
@@ -117,11 +125,11 @@ at::Tensor distill_fwd_inplace_cpu(
     at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const c10::optional<at::Tensor>& target, double temperature, double alpha,
     c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
-    bool scale_by_t2) {
+    bool scale_by_t2, bool average_rows) {
   const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
                                            alpha, kind, beta, ignore_index, label_smoothing,
                                            scale_by_t2, /*inplace=*/true);
-  return run(in, student_logits);
+  return run(in, student_logits, average_rows);
 }
 
 }  // namespace

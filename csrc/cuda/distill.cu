@@ -198,7 +198,7 @@ void check_cuda(const PreparedInputs& in) {
 }
 
 // Launches the rows on the current stream. `grad` may be undefined (no gradient wanted).
-at::Tensor run(const PreparedInputs& in, const at::Tensor& grad) {
+at::Tensor run(const PreparedInputs& in, const at::Tensor& grad, bool average_rows) {
   at::Tensor loss_rows = at::empty({in.n_rows}, in.student.options().dtype(loss_dtype(in.student)));
   if (in.n_rows == 0) return loss_rows;
   TORCH_CHECK_VALUE(in.n_cols <= INT_MAX, "kdfast: at most ", INT_MAX, " classes, got ", in.n_cols);
@@ -216,6 +216,14 @@ at::Tensor run(const PreparedInputs& in, const at::Tensor& grad) {
   a.n_rows = in.n_rows;
   a.n_cols = static_cast<int32_t>(in.n_cols);
   a.params = in.params;
+  at::Tensor row_weight;  // kept alive until the launch is queued
+  if (average_rows && in.target.defined()) {
+    // 1 / max(counted rows, 1), computed on the device: no host sync.
+    row_weight = in.target.ne(in.params.ignore_index).sum().clamp_min(1).to(at::kDouble).reciprocal();
+    a.row_weight = row_weight.data_ptr<double>();
+  } else if (average_rows) {
+    math::scale_params(a.params, 1.0 / static_cast<double>(in.n_rows));
+  }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType st = in.student.scalar_type();
@@ -239,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const c10::optional<at::Tensor>& target, double temperature, double alpha,
     c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
-    bool scale_by_t2, bool compute_grad) {
+    bool scale_by_t2, bool compute_grad, bool average_rows) {
   // prepare_inputs' tensor ops guard their own device; it also checks that all inputs share one.
   const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
                                            alpha, kind, beta, ignore_index, label_smoothing,
@@ -247,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_cuda(
   check_cuda(in);
   const c10::cuda::CUDAGuard guard(in.student.device());
   at::Tensor grad = allocate_grad(in, compute_grad);
-  at::Tensor loss_rows = run(in, compute_grad ? grad : at::Tensor());
+  at::Tensor loss_rows = run(in, compute_grad ? grad : at::Tensor(), average_rows);
   return {loss_rows, grad};
 }
 
@@ -255,13 +263,13 @@ at::Tensor distill_fwd_inplace_cuda(
     at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const c10::optional<at::Tensor>& target, double temperature, double alpha,
     c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
-    bool scale_by_t2) {
+    bool scale_by_t2, bool average_rows) {
   const PreparedInputs in = prepare_inputs(student_logits, teacher_logits, target, temperature,
                                            alpha, kind, beta, ignore_index, label_smoothing,
                                            scale_by_t2, /*inplace=*/true);
   check_cuda(in);
   const c10::cuda::CUDAGuard guard(in.student.device());
-  return run(in, student_logits);
+  return run(in, student_logits, average_rows);
 }
 
 }  // namespace

@@ -41,6 +41,7 @@ struct KernelArgs {
   int64_t n_rows;
   int32_t n_cols;
   math::Params params;
+  const double* row_weight;  // device scalar multiplying loss_i and its gradient, or nullptr (1)
 };
 
 namespace rows {
@@ -231,8 +232,9 @@ KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp) 
   const A inv_t = static_cast<A>(P.inv_temperature);
   const A eps = static_cast<A>(P.smoothing);
   const A eps_over_c = eps / static_cast<A>(C);
-  const A soft_g = static_cast<A>(P.soft_grad_coef);
-  const A hard_g = static_cast<A>(P.hard_coef);
+  const A weight = a.row_weight != nullptr ? static_cast<A>(*a.row_weight) : A(1);
+  const A soft_g = static_cast<A>(P.soft_grad_coef) * weight;
+  const A hard_g = static_cast<A>(P.hard_coef) * weight;
   const A one_m_eps = A(1) - eps;
   // Read before any gradient store: in place, the gradient overwrites the student row. The
   // reductions below (a barrier) and grp.sync() order this read before every store.
@@ -331,7 +333,7 @@ KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp) 
 
   if (rank == 0) {
     const A hard = need_hard ? hard_loss(s_y, sum_s, C, eps, n) : A(0);
-    out_loss[row] = row_loss(soft, hard, P);
+    out_loss[row] = weight * row_loss(soft, hard, P);
   }
 }
 

@@ -67,6 +67,14 @@ inline Params make_params(int32_t kind, bool has_target, int64_t ignore_index,
   return p;
 }
 
+// Multiplies every term of loss_i (and so of its gradient) by w: the kernels' "average_rows"
+// mode passes w = 1 / (number of counted rows).
+inline void scale_params(Params& p, double w) {
+  p.soft_coef *= w;
+  p.soft_grad_coef *= w;
+  p.hard_coef *= w;
+}
+
 // Overloads the kernels call, so float rows use float transcendentals and double rows double.
 KD_HD float kd_log(float x) { return logf(x); }
 KD_HD double kd_log(double x) { return log(x); }

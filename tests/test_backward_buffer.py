@@ -1,0 +1,97 @@
+"""The eager backward hands distill_fwd's gradient buffer to autograd instead of copying it,
+and average_rows folds the "mean" reduction into the kernel. These tests pin down that the
+saving never changes a result: retain_graph, in-place edits of the inputs, grad_output != 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdfast
+from tests.conftest import IGNORE, gen
+
+F64 = torch.float64
+ARGS = (2.0, 0.5, "kl", 0.5, IGNORE, 0.1, True)  # temperature .. scale_by_t2
+
+
+def _inputs(dtype=torch.float32, n=9, c=13, seed=400):
+    s = torch.randn(n, c, generator=gen(seed)).to(dtype)
+    t = torch.randn(n, c, generator=gen(seed + 1)).to(dtype)
+    y = torch.randint(0, c, (n,), generator=gen(seed + 2))
+    y[2] = IGNORE
+    return s, t, y
+
+
+@pytest.mark.parametrize("with_target", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+def test_average_rows_divides_by_counted_rows(dtype, with_target):
+    s, t, y = _inputs(dtype)
+    y = y if with_target else None
+    rows, grad = torch.ops.kdfast.distill_fwd(s, t, y, *ARGS, True, False)
+    rows_avg, grad_avg = torch.ops.kdfast.distill_fwd(s, t, y, *ARGS, True, True)
+    n = int((y != IGNORE).sum()) if with_target else s.shape[0]
+    tol = dict(rtol=1e-12, atol=0) if dtype == F64 else dict(rtol=1e-5, atol=1e-7)
+    if dtype == torch.bfloat16:  # the gradient is rounded into bfloat16 once, either way
+        tol = dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(rows_avg, rows / n, **tol)
+    torch.testing.assert_close(grad_avg.to(F64), grad.to(F64) / n, **tol)
+
+
+def test_average_rows_with_every_row_ignored_is_zero_not_nan():
+    s, t, _ = _inputs()
+    y = torch.full((s.shape[0],), IGNORE)
+    rows, grad = torch.ops.kdfast.distill_fwd(s, t, y, *ARGS, True, True)
+    assert torch.equal(rows, torch.zeros_like(rows)) and torch.equal(grad, torch.zeros_like(grad))
+    loss = kdfast.distillation_loss(s.requires_grad_(), t, y)
+    assert loss.item() == 0.0
+
+
+def test_gradient_buffer_is_adopted_as_grad_without_a_copy():
+    s, t, y = _inputs()
+    leaf = s.clone().requires_grad_()
+    rows, grad = torch.ops.kdfast.distill_fwd(leaf, t, y, *ARGS, True, True)
+    address = grad.data_ptr()
+    del grad  # otherwise AccumulateGrad must copy (someone else holds the buffer)
+    rows.sum().backward()
+    assert leaf.grad.data_ptr() == address
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_retain_graph_backward_three_times_accumulates_exactly(dtype, reduction):
+    """The first backward gives its buffer away (as .grad here, which later backwards add to
+    in place); later backwards recompute it: every one must contribute the same gradient."""
+    s, t, y = _inputs(dtype)
+    upstreams = (1.0, 0.5, 1.0)
+    leaf = s.clone().requires_grad_()
+    loss = kdfast.distillation_loss(leaf, t, y, temperature=2.0, reduction=reduction)
+    once = []
+    for u in upstreams:
+        fresh = s.clone().requires_grad_()
+        out = kdfast.distillation_loss(fresh, t, y, temperature=2.0, reduction=reduction)
+        out.backward(torch.full_like(out, u))
+        once.append(fresh.grad.to(F64))
+    for u in upstreams:
+        loss.backward(torch.full_like(loss, u), retain_graph=True)
+    tol = dict(rtol=2**-6, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(leaf.grad.to(F64), sum(once), **tol)
+
+
+def test_inputs_modified_before_a_second_backward_raise():
+    s, t, y = _inputs()
+    leaf = s.clone().requires_grad_()
+    teacher = t.clone()
+    loss = kdfast.distillation_loss(leaf, teacher, y, temperature=2.0)
+    loss.backward(retain_graph=True)
+    teacher.add_(1.0)  # the recompute would read these values: autograd's version check
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_non_uniform_upstream_scales_rows():
+    s, t, y = _inputs(F64)
+    weights = torch.rand(s.shape[0], generator=gen(410), dtype=F64)
+    leaf = s.clone().requires_grad_()
+    (kdfast.distillation_loss(leaf, t, y, temperature=2.0, reduction="none") * weights).sum().backward()
+    rows, grad = torch.ops.kdfast.distill_fwd(s, t, y, *ARGS[:5], 0.0, True, True, False)
+    torch.testing.assert_close(leaf.grad, grad * weights[:, None], rtol=1e-12, atol=0)
