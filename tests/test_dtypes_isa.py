@@ -102,6 +102,47 @@ def test_isa_paths_agree_closely(isa, monkeypatch):
         torch.testing.assert_close(gi, gb, rtol=1e-4, atol=1e-7)
 
 
+LANE_DTYPES = [(F32, F32), (BF16, BF16), (F16, F32), (BF16, F32)]
+
+
+@pytest.mark.parametrize("n_cols", [1, 2, 10, 17, 32])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtypes", LANE_DTYPES, ids=[_pair_id(p) for p in LANE_DTYPES])
+def test_lane_loops_agree_with_row_loops(n_cols, kind, dtypes, monkeypatch):
+    """Small C runs one row per SIMD lane (csrc/cpu/lanes.h); KDFAST_CPU_LANES_MAX_C=0 forces
+    the row loops on the same values. 37 rows: two full blocks of 16 and a ragged one."""
+    s_dtype, t_dtype = dtypes
+    s = (3 * torch.randn(37, n_cols, generator=gen(60 + n_cols))).to(s_dtype)
+    t = (3 * torch.randn(37, n_cols, generator=gen(61 + n_cols))).to(t_dtype)
+    if kind != "reverse_kl" and n_cols > 1:
+        mask_teacher_(t, fraction=0.2)
+    y = torch.randint(0, n_cols, (37,), generator=gen(62))
+    y[::5] = IGNORE
+    out = {}
+    for lanes_max in ("0", "32"):
+        monkeypatch.setenv("KDFAST_CPU_LANES_MAX_C", lanes_max)
+        for temperature, target in ((2.0, y), (1.0, y), (3.0, None)):
+            out[lanes_max, temperature] = torch.ops.kdfast.distill_fwd(
+                s, t, target, temperature, 0.5, kind, 0.3, IGNORE, 0.1, True, True, temperature == 2.0)
+    for temperature in (2.0, 1.0, 3.0):
+        (lr, gr), (ll, gl) = out["0", temperature], out["32", temperature]
+        # atol: cancellation in log p - log q leaves a few ulps of |logits| (about 3) either way.
+        torch.testing.assert_close(ll, lr, rtol=1e-5, atol=1e-5)
+        grad_tol = dict(rtol=1e-4, atol=1e-6) if s_dtype != BF16 else dict(rtol=2**-7, atol=1e-5)
+        torch.testing.assert_close(gl.float(), gr.float(), **grad_tol)
+        if temperature != 3.0:  # with a target: ignored rows are exactly 0
+            assert torch.equal(ll[::5], torch.zeros_like(ll[::5]))
+            assert torch.equal(gl[::5], torch.zeros_like(gl[::5]))
+
+
+@pytest.mark.parametrize("value", ["-1", "ten", "3.5"])
+def test_invalid_lanes_max_raises(value, monkeypatch):
+    monkeypatch.setenv("KDFAST_CPU_LANES_MAX_C", value)
+    with pytest.raises(ValueError, match="KDFAST_CPU_LANES_MAX_C") as info:
+        kdfast.distillation_loss(torch.randn(4, 7), torch.randn(4, 7))
+    assert value in str(info.value)
+
+
 UNSUPPORTED_ISAS = [isa for isa in COMPILED_ISAS if isa not in SUPPORTED_ISAS]
 
 

@@ -39,6 +39,18 @@ int32_t dtype_code(at::ScalarType t) {
   }
 }
 
+// KDFAST_CPU_LANES_MAX_C overrides kLanesMaxCols (0 turns the lane loops off): read per call,
+// so tests can compare both loops on the same rows.
+int64_t lanes_max_cols() {
+  const char* env = std::getenv("KDFAST_CPU_LANES_MAX_C");
+  if (env == nullptr || env[0] == '\0') return kLanesMaxCols;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= 0, "KDFAST_CPU_LANES_MAX_C must be an integer >= 0, got '",
+                    env, "'");
+  return static_cast<int64_t>(v);
+}
+
 // Validates every target and returns how many rows count (target != ignore_index).
 int64_t check_targets(const PreparedInputs& in) {
   const int64_t* y = in.target.data_ptr<int64_t>();
@@ -75,6 +87,7 @@ at::Tensor run(const PreparedInputs& in, const at::Tensor& grad, bool average_ro
   args.student_dtype = dtype_code(in.student.scalar_type());
   args.teacher_dtype = dtype_code(in.teacher.scalar_type());
   args.params = in.params;
+  args.lanes_max_cols = lanes_max_cols();
 
   // Validate every target before any row is written: in-place mode overwrites the student,
   // so a bad label found mid-way must not leave it half-replaced by gradients.
@@ -84,7 +97,7 @@ at::Tensor run(const PreparedInputs& in, const at::Tensor& grad, bool average_ro
   }
   const RunRows fn = rows_fn(selected_isa());
   const size_t elem = in.student.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-  const int64_t scratch_bytes = scratch_elems(in.n_cols) * static_cast<int64_t>(elem);
+  const int64_t scratch_bytes = scratch_elems(in.n_cols, args.lanes_max_cols) * static_cast<int64_t>(elem);
   // Enough rows per task that thread hand-off stays small next to the row work (MNIST's
   // C = 10 rows take nanoseconds each).
   const int64_t grain = std::max<int64_t>(1, 32768 / in.n_cols);

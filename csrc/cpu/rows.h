@@ -14,6 +14,8 @@
 // rows (gradcheck, tests) call libm, whose SIMD variants libmvec provides.
 extern "C" double exp(double) noexcept __attribute__((simd("notinbranch")));
 extern "C" double log1p(double) noexcept __attribute__((simd("notinbranch")));
+// lanes.h takes the row normalizers' logs across rows: libmvec's vector logf.
+extern "C" float logf(float) noexcept __attribute__((simd("notinbranch")));
 
 namespace kdfast {
 namespace cpu {
@@ -191,6 +193,15 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
 }
 
 }  // namespace
+}  // namespace KDFAST_ISA
+}  // namespace cpu
+}  // namespace kdfast
+
+#include "lanes.h"
+
+namespace kdfast {
+namespace cpu {
+namespace KDFAST_ISA {
 
 float exp_probe(float* buf, int64_t n, int64_t reps) {
   float acc = 0.0f;
@@ -212,9 +223,11 @@ int64_t run_rows(const RowsArgs& g, int64_t begin, int64_t end, void* scratch) {
   using B = bf16_bits;
   using H = f16_bits;
   F* sf = static_cast<F*>(scratch);
+  const bool lanes = g.n_cols <= g.lanes_max_cols;
 #define KD_CASE(SD, TD, S, T, G)                                   \
   if (g.student_dtype == SD && g.teacher_dtype == TD)              \
-    return run_rows_typed<S, T, G, F>(g, begin, end, sf);
+    return lanes ? run_rows_lanes<S, T, G>(g, begin, end, sf)      \
+                 : run_rows_typed<S, T, G, F>(g, begin, end, sf);
   KD_CASE(DT_F32, DT_F32, F, F, F)
   KD_CASE(DT_F32, DT_BF16, F, B, F)
   KD_CASE(DT_F32, DT_F16, F, H, F)

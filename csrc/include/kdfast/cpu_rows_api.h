@@ -24,10 +24,21 @@ struct RowsArgs {
   int64_t n_rows, n_cols;
   int32_t student_dtype, teacher_dtype;
   math::Params params;
+  // Rows with at most this many classes run one row per SIMD lane (csrc/cpu/lanes.h);
+  // float accumulation only (float64 rows always take the row loops).
+  int64_t lanes_max_cols;
 };
 
+// Rows per block of the one-row-per-lane loops: a 512-bit vector of floats.
+constexpr int kLanes = 16;
+// Default lanes_max_cols: below 64 classes the row loops spend most of their time in scalar
+// remainders and per-row setup; from 64 on they win (benchmarks/NOTES.md, entry 4).
+constexpr int64_t kLanesMaxCols = 63;
+
 // Elements of scratch (of the accumulation type) one thread needs for rows of n_cols.
-inline int64_t scratch_elems(int64_t n_cols) { return 5 * n_cols; }
+inline int64_t scratch_elems(int64_t n_cols, int64_t lanes_max_cols) {
+  return 5 * n_cols * (n_cols <= lanes_max_cols ? kLanes : 1);
+}
 
 // Processes rows [begin, end). Returns -1 on success, the index of the first row whose target
 // is outside [0, C) and not ignore_index, or -2 for an unsupported dtype pair (float64 must be

@@ -195,11 +195,11 @@ KD_HD RowNorm<A> row_norm(A inv_t, A max_s, A max_t, A z_a, A z_b, A z_s) {
 }
 
 // Pass-2 exponent arguments.
-template <class A> KD_HD A exp_arg_a(A s, const RowNorm<A>& n) { return s * n.inv_t - n.max_a; }
-template <class A> KD_HD A exp_arg_b(A t, const RowNorm<A>& n) { return t * n.inv_t - n.max_b; }
+template <class A> KD_HD A exp_arg_a(A s, RowNorm<A> n) { return s * n.inv_t - n.max_a; }
+template <class A> KD_HD A exp_arg_b(A t, RowNorm<A> n) { return t * n.inv_t - n.max_b; }
 
 // log p - log q for one element, from the raw logits.
-template <class A> KD_HD A log_ratio_pq(A s, A t, const RowNorm<A>& n) {
+template <class A> KD_HD A log_ratio_pq(A s, A t, RowNorm<A> n) {
   return (t - s) * n.inv_t + n.lse_gap;
 }
 
@@ -223,7 +223,7 @@ KD_HD A log_mixture(A log_p, A log_q, A log_beta, A log1m_beta) {
 // Hard cross-entropy of softmax(s) against label y with smoothing eps:
 // (1-eps) * (lse_s - s_y) + eps * (lse_s - mean(s)).
 template <class A>
-KD_HD A hard_loss(A s_y, A sum_s, int64_t n_cols, A eps, const RowNorm<A>& n) {
+KD_HD A hard_loss(A s_y, A sum_s, int64_t n_cols, A eps, RowNorm<A> n) {
   const A nll = n.lse_s - s_y;
   if (eps == A(0)) return nll;
   return (A(1) - eps) * nll + eps * (n.lse_s - sum_s / A(n_cols));
@@ -232,7 +232,7 @@ KD_HD A hard_loss(A s_y, A sum_s, int64_t n_cols, A eps, const RowNorm<A>& n) {
 // d(hard)/ds_k without the one-hot part, which the kernel subtracts at the label:
 // softmax(s)_k - eps/C.  d(hard)/ds_y additionally has -(1 - eps).
 template <class A>
-KD_HD A hard_grad(A e_s, A eps_over_c, const RowNorm<A>& n) { return e_s * n.inv_zs - eps_over_c; }
+KD_HD A hard_grad(A e_s, A eps_over_c, RowNorm<A> n) { return e_s * n.inv_zs - eps_over_c; }
 
 // Soft-term gradient with respect to a = s/T (the kernel multiplies by soft_grad_coef).
 //   kl:          q_k - p_k
@@ -240,9 +240,9 @@ KD_HD A hard_grad(A e_s, A eps_over_c, const RowNorm<A>& n) { return e_s * n.inv
 //   jsd:         (1-beta) * q_k * (log q_k - log m_k - KL(q||m))
 // `ratio` is the per-element log ratio stashed by pass 3 (unused for kl).
 template <class A>
-KD_HD A soft_grad_kl(A e_a, A e_b, const RowNorm<A>& n) { return e_a * n.inv_za - e_b * n.inv_zb; }
+KD_HD A soft_grad_kl(A e_a, A e_b, RowNorm<A> n) { return e_a * n.inv_za - e_b * n.inv_zb; }
 template <class A>
-KD_HD A soft_grad_mode_seeking(A e_a, A ratio, A row_kl, A weight, const RowNorm<A>& n) {
+KD_HD A soft_grad_mode_seeking(A e_a, A ratio, A row_kl, A weight, RowNorm<A> n) {
   return weighted(e_a * n.inv_za, weight * (ratio - row_kl));
 }
 
