@@ -206,7 +206,7 @@ void run_case(const Config& c) {
     }
   }
 
-  // CPU reference (baseline rows).
+  // CPU reference (baseline ISA: the row loops, or one row per lane for small C).
   std::vector<A> loss_cpu(N, A(-7)), loss_sim(N, A(-7));
   cpu::RowsArgs ra{};
   ra.student = s;
@@ -223,7 +223,8 @@ void run_case(const Config& c) {
   ra.student_dtype = dtype_code<S>();
   ra.teacher_dtype = dtype_code<T>();
   ra.params = P;
-  std::vector<A> scratch(cpu::scratch_elems(C) + 64);
+  ra.lanes_max_cols = cpu::kLanesMaxCols;
+  std::vector<A> scratch(cpu::scratch_elems(C, ra.lanes_max_cols) + 64);
   const int64_t cpu_bad = cpu::baseline::run_rows(ra, 0, N, scratch.data());
 
   // A pristine student copy for the gradient-free run below (in place overwrites s2).

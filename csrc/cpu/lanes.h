@@ -67,23 +67,24 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
   LaneNorms nm;
 
   for (int64_t b0 = begin; b0 < end; b0 += L) {
-    const int rows = static_cast<int>(end - b0 < L ? end - b0 : L);
+    int rows = static_cast<int>(end - b0 < L ? end - b0 : L);
     // Labels: -1 marks "no label element" (no target, ignored row, padding lane). int32, as
     // wide as the float lanes, so the compares vectorize with them (C is small here).
     int32_t label[L];
     int32_t counted[L];
-    for (int r = 0; r < L; ++r) {
-      label[r] = -1;
-      counted[r] = r < rows;
-      if (r < rows && P.has_target) {
-        const int64_t y = g.target[(b0 + r) * g.target_stride];
-        if (y == P.ignore_index) {
-          counted[r] = false;
-        } else if (y < 0 || y >= C) {
-          return b0 + r;
-        } else {
-          label[r] = static_cast<int32_t>(y);
-        }
+    for (int r = 0; r < L; ++r) label[r] = -1, counted[r] = r < rows;
+    int64_t bad_row = -1;  // like the row loops: finish the rows before it, then report it
+    for (int r = 0; r < rows && P.has_target; ++r) {
+      const int64_t y = g.target[(b0 + r) * g.target_stride];
+      if (y == P.ignore_index) {
+        counted[r] = 0;
+      } else if (y < 0 || y >= C) {
+        bad_row = b0 + r;
+        for (int q = r; q < L; ++q) counted[q] = 0;
+        rows = r;
+        break;
+      } else {
+        label[r] = static_cast<int32_t>(y);
       }
     }
     // Transpose the block in; padding lanes get zeros (finite, ignored at the end).
@@ -237,6 +238,7 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
       if (need_hard && counted[r]) hard = hard_loss(s_y[r], sum_s[r], C, eps, nm.at(r, inv_t));
       out_loss[b0 + r] = counted[r] ? row_loss(soft[r], hard, P) : 0.0f;
     }
+    if (bad_row >= 0) return bad_row;
   }
   return -1;
 }
