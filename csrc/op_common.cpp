@@ -6,9 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "cpu/buffer_pool.h"
 
 namespace kdfast {
 namespace {
@@ -103,18 +101,8 @@ PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor
 }
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  if (out.device().is_cpu() && out.nbytes() >= 2 * kHugePage) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-    const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
-    // Advice only: failure (THP disabled, old kernel) leaves ordinary pages.
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
+  if (options.device().is_cpu()) return cpu::pooled_empty(sizes, options);
+  return at::empty(sizes, options);
 }
 
 at::Tensor allocate_grad(const PreparedInputs& in, bool compute_grad) {

@@ -36,9 +36,9 @@ at::ScalarType loss_dtype(const at::Tensor& student);
 // near 1/C) would underflow into float16's subnormals.
 at::ScalarType grad_dtype(const at::Tensor& student);
 
-// at::empty for a large output buffer. On Linux CPU it also asks for transparent huge pages
-// (as torch does under THP_MEM_ALLOC_ENABLE=1): a fresh N x C gradient otherwise costs one
-// page fault per 4 KiB, which on a (1024, 32000) float32 buffer took longer than the kernel.
+// at::empty for a large output buffer. On the CPU, large buffers come from cpu/buffer_pool.h:
+// huge pages requested (a fresh N x C gradient otherwise costs one page fault per 4 KiB,
+// longer than the kernel at (1024, 32000) float32) and reused across steps, already mapped.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // distill_fwd's gradient output: (N, C) from empty_output, or an empty (0,) tensor of the

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/buffer_pool.h"
 #include "cpu/cpu_isa.h"
 
 #ifndef KDFAST_CUDA_ARCHS
@@ -21,6 +22,20 @@ PYBIND11_MODULE(_C, m) {
         "Vectorized exps per second of the CPU row loops' exp (selected ISA, all torch threads), "
         "on in-cache data: the exp term of kdfast bench's roofline.");
   m.doc() = "kdfast compiled ops (registered as torch.ops.kdfast.*)";
+  m.def(
+      "buffer_pool_stats",
+      [] {
+        const auto s = kdfast::cpu::pool_stats();
+        py::dict d;
+        d["cached_blocks"] = s.cached_blocks;
+        d["cached_bytes"] = s.cached_bytes;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        return d;
+      },
+      "The CPU gradient-buffer pool: blocks and bytes cached now, allocations served / not.");
+  m.def("release_buffers", &kdfast::cpu::release_pooled_buffers,
+        "Returns the CPU gradient buffers kdfast keeps for reuse to the OS.");
   m.def(
       "build_info",
       [] {

@@ -9,7 +9,7 @@ from kdfast import (
     ops,  # noqa: F401  (registers fake kernels and autograd)
     reference,
 )
-from kdfast._ext import HAS_EXTENSION, build_info
+from kdfast._ext import HAS_EXTENSION, buffer_pool_stats, build_info, release_buffers
 from kdfast.functional import DistillationLossFunction, distillation_loss
 from kdfast.module import KDLoss
 
@@ -19,7 +19,9 @@ __all__ = [
     "HAS_EXTENSION",
     "DistillationLossFunction",
     "KDLoss",
+    "buffer_pool_stats",
     "build_info",
     "distillation_loss",
     "reference",
+    "release_buffers",
 ]

@@ -26,3 +26,23 @@ def build_info() -> dict:
     if not HAS_EXTENSION:
         return {"backends": [], "extension": False, "import_error": IMPORT_ERROR}
     return {"extension": True, **_C.build_info()}
+
+
+def buffer_pool_stats() -> dict:
+    """The CPU gradient-buffer pool: ``cached_blocks`` / ``cached_bytes`` held for reuse now,
+    ``hits`` (allocations served from it) and ``misses`` (fresh mappings) so far.
+
+    kdfast keeps up to two freed CPU gradient buffers of >= 4 MiB (the N x C ``.grad`` an
+    optimizer releases each step) and reuses one of the same size in the next forward, which
+    spares the page faults of mapping it again. ``KDFAST_CPU_BUFFER_POOL=0`` turns this off.
+    """
+    if not HAS_EXTENSION:
+        return {"cached_blocks": 0, "cached_bytes": 0, "hits": 0, "misses": 0}
+    return _C.buffer_pool_stats()
+
+
+def release_buffers() -> None:
+    """Returns the CPU gradient buffers kdfast keeps for reuse to the OS (like
+    ``torch.cuda.empty_cache()``; buffers in use are not affected)."""
+    if HAS_EXTENSION:
+        _C.release_buffers()
