@@ -26,6 +26,14 @@ def plot_cases(cases, path: Path) -> None:
             label = f"{provider}, {threads} thr"
             ax_time.plot(xs, [p[1][provider]["median_ms"] for p in points], style, label=label)
             ax_mem.plot(xs, [p[1][provider]["peak_extra_mb"] for p in points], style, label=label)
+    # Slope-1 guide through kdfast's largest point: linear growth in N*C lies along it.
+    for (kind, dtype, threads), points in sorted(groups.items()):
+        if dtype == "fp32" and kind == "kl" and len(points) > 1:
+            x_max, m = max(points, key=lambda p: p[0])
+            x_min = min(p[0] for p in points)
+            y_max = m["kdfast"]["median_ms"]
+            ax_time.plot([x_min, x_max], [y_max * x_min / x_max, y_max], color="gray", lw=0.8,
+                         alpha=0.6, label=f"ms proportional to N*C ({threads} thr)")
     for ax, ylabel in ((ax_time, "forward+backward median (ms)"), (ax_mem, "peak extra memory (MB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
