@@ -94,7 +94,23 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     const A max_a = max_s * inv_t, max_b = max_t * inv_t;
     A z_a = A(0), z_b = A(0), z_s = A(0);
     const A* e_s = e_a;  // softmax(s) == softmax(s/T) when T == 1; a harmless dummy w/o hard term
-    if (separate_hard_exp) {
+    if (separate_hard_exp && P.hard_exp_squarings > 0) {
+      const bool twice = P.hard_exp_squarings == 2;
+#pragma omp simd reduction(+ : z_a, z_b, z_s)
+      for (int64_t k = 0; k < C; ++k) {
+        const A ea = exp_nonpos(s[k] * inv_t - max_a);
+        const A eb = exp_nonpos(t[k] * inv_t - max_b);
+        const A ea2 = ea * ea;
+        const A es = twice ? ea2 * ea2 : ea2;
+        e_a[k] = ea;
+        e_b[k] = eb;
+        e_s_own[k] = es;
+        z_a += ea;
+        z_b += eb;
+        z_s += es;
+      }
+      e_s = e_s_own;
+    } else if (separate_hard_exp) {
 #pragma omp simd reduction(+ : z_a, z_b, z_s)
       for (int64_t k = 0; k < C; ++k) {
         const A ea = exp_nonpos(s[k] * inv_t - max_a);

@@ -29,6 +29,9 @@ def make_step(provider: str, kind: str) -> Step:
             return eager_baseline(s, t, y, temperature=TEMPERATURE, alpha=ALPHA, kind=kind)
 
         if provider == "compiled":
+            # Every case compiles the same code object anew: without a reset dynamo stops at
+            # its recompile limit (8) and quietly runs the rest of a grid eagerly.
+            torch._dynamo.reset()
             loss_fn = torch.compile(loss_fn, dynamic=False)
     else:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")

@@ -44,6 +44,9 @@ struct Params {
   double log_beta, log1m_beta;
   double smoothing;        // label smoothing epsilon
   int32_t same_scale;      // T == 1: q == r, so e_s is e_a and one exp is saved
+  // T == 2 or 4: s/T - max(s)/T is exactly (s - max s)/T (1/T is a power of two), so
+  // exp(s - max s) = exp(s/T - max(s)/T)^T, 1 or 2 squarings instead of an exp (2-5 ulp).
+  int32_t hard_exp_squarings;
 };
 
 inline Params make_params(int32_t kind, bool has_target, int64_t ignore_index,
@@ -64,6 +67,7 @@ inline Params make_params(int32_t kind, bool has_target, int64_t ignore_index,
   p.log1m_beta = log1p(-beta);
   p.smoothing = smoothing;
   p.same_scale = temperature == 1.0 ? 1 : 0;
+  p.hard_exp_squarings = temperature == 2.0 ? 1 : temperature == 4.0 ? 2 : 0;
   return p;
 }
 
