@@ -20,12 +20,14 @@ rm -f "$WORK"/kdfast/_C*.so
   || { tail -n 40 "$WORK/build.log"; exit 1; }
 echo "-- [asan] built in $(( $(date +%s) - start )) s"
 
-LIBASAN=$(gcc -print-file-name=libasan.so)
+# libstdc++ is preloaded too: python does not link it, and ASan's __cxa_throw interceptor must
+# find the real one when it starts, or the first C++ exception (a TORCH_CHECK) aborts.
+PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 cd "$WORK"
 # python -m puts the working directory first on sys.path: the instrumented copy is imported.
-LD_PRELOAD="$LIBASAN" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 "$PY" -c \
+LD_PRELOAD="$PRELOAD" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 "$PY" -c \
   "import kdfast, sys; assert kdfast.__file__.startswith('$WORK'), kdfast.__file__; print('asan build:', kdfast.__file__)"
-LD_PRELOAD="$LIBASAN" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 "$PY" -m pytest -q -x -p no:cacheprovider \
+LD_PRELOAD="$PRELOAD" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_fuzz_api.py tests/test_dtypes_isa.py tests/test_errors.py tests/test_inplace.py \
   tests/test_buffer_pool.py tests/test_backward_buffer.py
 echo "asan.sh passed in $(( $(date +%s) - start )) s"
