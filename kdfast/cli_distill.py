@@ -46,6 +46,20 @@ def _load_teachers(paths: list[str]):
 
 
 def _cmd_cache_build(args: argparse.Namespace) -> int:
+    from kdfast import distributed
+
+    # Under torchrun (K processes) every rank runs this command: the shards are split across
+    # the ranks and rank 0 writes the manifest (see kdfast.cache.build_cache).
+    started = distributed.init_from_env("cpu")
+    try:
+        return _build_cache_command(args)
+    finally:
+        if started:
+            distributed.shutdown()
+
+
+def _build_cache_command(args: argparse.Namespace) -> int:
+    from kdfast import distributed
     from kdfast.cache import build_cache
     from kdfast.data import load_dataset
 
@@ -59,10 +73,13 @@ def _cmd_cache_build(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     m = result.manifest
+    if not distributed.is_main():
+        return 0
     if result.rows_computed:
+        procs = f" by {distributed.world_size()} processes" if distributed.is_distributed() else ""
         print(f"cached {m['num_rows']} rows x {m['num_classes']} classes ({m['dtype']}) in {args.out}: "
-              f"{result.rows_computed} computed in {result.seconds:.1f} s ({result.rows_per_s:.0f} rows/s)"
-              f", {result.rows_reused} reused from an interrupted build")
+              f"{result.rows_computed} computed{procs} in {result.seconds:.1f} s "
+              f"({result.rows_per_s:.0f} rows/s), {result.rows_reused} reused from an interrupted build")
     else:
         print(f"{args.out} already holds this cache ({m['num_rows']} rows); nothing to do")
     return 0

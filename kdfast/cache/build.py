@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from kdfast import distributed
 from kdfast.cache.ensemble import check_ensemble, teacher_logits
 from kdfast.cache.fingerprint import fingerprint_dataset, fingerprint_teachers
 from kdfast.cache.format import (
@@ -20,10 +21,14 @@ from kdfast.cache.format import (
     FORMAT_VERSION,
     MANIFEST,
     PROGRESS,
+    RANK_PROGRESS_GLOB,
     SHARD_PREFIX,
+    BuildLock,
+    CacheError,
     CacheMismatchError,
     atomic_write_json,
     dtype_name,
+    rank_progress_name,
     read_json,
     save_shard,
     sha256_file,
@@ -66,6 +71,12 @@ def _remove_cache_files(out: Path) -> None:
     # Only the files a build writes: never anything else a user keeps in the directory.
     for path in list(out.glob(f"{SHARD_PREFIX}*.npy")) + [out / MANIFEST, out / PROGRESS]:
         path.unlink(missing_ok=True)
+    _remove_progress(out)
+
+
+def _remove_progress(out: Path) -> None:
+    for path in [out / PROGRESS, *out.glob(RANK_PROGRESS_GLOB)]:
+        path.unlink(missing_ok=True)
 
 
 def build_cache(
@@ -92,6 +103,12 @@ def build_cache(
     calling again after an interruption (same arguments) keeps the finished shards (after
     re-checking their SHA-256) and computes only the rest, giving the same bytes as an
     uninterrupted build. ``manifest.json`` is written last.
+
+    Inside an initialized ``torch.distributed`` process group (e.g. under ``torchrun``) the
+    shards are dealt to the ranks round-robin; each rank writes its own shards and records
+    them in its own progress file, and rank 0 writes the one manifest. Shards split on batch
+    boundaries, so the cache is byte-identical to a single-process build with the same batch
+    size and thread count. A second build into the same directory fails (``build.lock``).
 
     Args:
         teacher: an ``nn.Module`` mapping a batch of inputs to ``(B, C)`` logits, or a
@@ -142,10 +159,30 @@ def build_cache(
         first = next(teachers[0].parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    store_dtype = DTYPES[dtype][0]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = BuildLock(out)  # held by rank 0 for the whole (possibly multi-process) build
+    distributed.run_on_main(lambda: lock.__enter__() and None)
+    try:
+        result = _build_locked(teachers, dataset, out, mode=mode, dtype=dtype, batch_size=batch_size,
+                               rows_per_shard=rows_per_shard, temperature=temperature,
+                               dataset_fingerprint=dataset_fingerprint, device=device,
+                               num_workers=num_workers, progress=progress, overwrite=overwrite)
+    except BaseException as exc:
+        if distributed.is_main():
+            lock.__exit__(type(exc), exc, None)
+        raise
+    if distributed.is_main():
+        lock.__exit__(None, None, None)
+    return result
+
+
+def _build_locked(teachers, dataset, out: Path, *, mode, dtype, batch_size, rows_per_shard,
+                  temperature, dataset_fingerprint, device, num_workers, progress,
+                  overwrite) -> BuildResult:
+    num_rows = len(dataset)
+    store_dtype = DTYPES[dtype][0]
     modes = [t.training for t in teachers]
     for t in teachers:
         t.eval()
@@ -173,22 +210,33 @@ def build_cache(
                 "batch_size": batch_size,
                 "rows_per_shard": rows_per_shard,
             }
-            done = _prepare_dir(out, config, overwrite)
+            done = distributed.run_on_main(_prepare_dir, out, config, overwrite)
             if done is None:  # already complete
                 manifest = read_json(out / MANIFEST, "manifest")
                 return BuildResult(out, manifest, 0, num_rows, 0.0)
             reused = sum(s["stop"] - s["start"] for s in done.values())
             start_time = time.perf_counter()
-            _run_shards(teachers, dataset, out, config, done, row_shape, store_dtype, device,
-                        num_workers, progress)
+            try:
+                _run_shards(teachers, dataset, out, config, done, row_shape, store_dtype, device,
+                            num_workers, progress)
+            except OSError as exc:  # disk full, quota, permissions: finished shards are kept
+                raise CacheError(
+                    f"writing the cache in {out} failed ({exc}); the finished shards are kept: fix "
+                    "the cause (e.g. free disk space) and rerun the same build to resume"
+                ) from exc
+            # Every rank's shards, for the manifest (rank 0) and the result (all ranks).
+            for part in distributed.gather_to_all(done):
+                done.update({int(k): v for k, v in part.items()})
             seconds = time.perf_counter() - start_time
     finally:
         for t, was_training in zip(teachers, modes, strict=True):
             t.train(was_training)
 
     manifest = {**config, "shards": [done[k] for k in sorted(done)]}
-    atomic_write_json(out / MANIFEST, manifest)
-    (out / PROGRESS).unlink(missing_ok=True)
+    if distributed.is_main():
+        atomic_write_json(out / MANIFEST, manifest)
+        _remove_progress(out)
+    distributed.barrier()  # no rank returns before the manifest exists
     return BuildResult(out, manifest, num_rows - reused, reused, seconds)
 
 
@@ -214,8 +262,13 @@ def _prepare_dir(out: Path, config: dict, overwrite: bool) -> dict[int, dict] | 
             break
         if name == MANIFEST:
             return None
+        shards = list(found.get("shards", []))
+        for rank_file in sorted(out.glob(RANK_PROGRESS_GLOB)):  # a K-process build's ranks
+            part = read_json(rank_file, rank_file.name)
+            if part.get("config") == found.get("config"):
+                shards += part.get("shards", [])
         done = {}
-        for shard in found.get("shards", []):
+        for shard in shards:
             # A shard listed here was renamed into place before being listed; re-hash anyway
             # so a damaged file is recomputed rather than carried into the manifest.
             path = out / shard["file"]
@@ -228,8 +281,15 @@ def _prepare_dir(out: Path, config: dict, overwrite: bool) -> dict[int, dict] | 
 def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict], row_shape,
                 store_dtype, device, num_workers: int, progress: bool) -> None:
     num_rows, batch_size = config["num_rows"], config["batch_size"]
-    todo = [r for r in shard_ranges(num_rows, config["rows_per_shard"]) if r[0] not in done]
-    atomic_write_json(out / PROGRESS, {"config": config, "shards": [done[k] for k in sorted(done)]})
+    rank, world = distributed.rank(), distributed.world_size()
+    # Shard j goes to rank j % world: fixed by the shard layout, so a resumed build (with any
+    # number of processes) recomputes exactly the missing shards with the same batches.
+    todo = [r for j, r in enumerate(shard_ranges(num_rows, config["rows_per_shard"]))
+            if j % world == rank and r[0] not in done]
+    if distributed.is_main():
+        atomic_write_json(out / PROGRESS, {"config": config, "shards": [done[k] for k in sorted(done)]})
+    progress_file = out / (PROGRESS if world == 1 else rank_progress_name(rank))
+    mine: dict[int, dict] = {}
     if not todo:
         return
     # Batches start at each shard's first row, so a resumed build runs the very same batches.
@@ -237,8 +297,9 @@ def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict
                for b in range(start, stop, batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
     mode, temperature = config["ensemble"]["mode"], config["ensemble"]["temperature"]
-    bar = tqdm(total=num_rows, initial=num_rows - sum(b - a for a, b in todo), unit="row",
-               unit_scale=True, desc="teacher -> cache", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(b - a for a, b in todo), unit="row", unit_scale=True,
+               desc="teacher -> cache" if world == 1 else f"teacher -> cache (rank {rank}/{world})",
+               disable=not progress or rank != 0, dynamic_ncols=True)
     shard_iter = iter(todo)
     start, stop = next(shard_iter)
     buffer = torch.empty((stop - start, *row_shape), dtype=store_dtype)
@@ -259,9 +320,10 @@ def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict
         if filled == stop - start:
             name = shard_name(start, stop)
             sha = save_shard(out / name, buffer)
-            done[start] = {"file": name, "start": start, "stop": stop, "sha256": sha}
-            atomic_write_json(out / PROGRESS,
-                              {"config": config, "shards": [done[k] for k in sorted(done)]})
+            done[start] = mine[start] = {"file": name, "start": start, "stop": stop, "sha256": sha}
+            recorded = done if world == 1 else mine
+            atomic_write_json(progress_file,
+                              {"config": config, "shards": [recorded[k] for k in sorted(recorded)]})
             nxt = next(shard_iter, None)
             if nxt is not None:
                 start, stop = nxt

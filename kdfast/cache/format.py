@@ -28,6 +28,9 @@ FORMAT_NAME = "kdfast-soft-targets"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+# A build of K > 1 processes: each rank records its finished shards in its own file.
+RANK_PROGRESS_GLOB = "progress.rank-*.json"
+BUILD_LOCK = "build.lock"
 SHARD_PREFIX = "logits-"
 
 # Stored dtype name -> (torch dtype, numpy dtype of the .npy payload).
@@ -107,6 +110,46 @@ def atomic_write_bytes(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def rank_progress_name(rank: int) -> str:
+    return f"progress.rank-{rank:05d}.json"
+
+
+class BuildLock:
+    """An exclusive ``flock`` on ``DIR/build.lock`` for the duration of a build, so a second
+    build into the same directory fails with a clear error instead of interleaving shards.
+    The kernel drops the lock when its holder dies, so a killed build never leaves a stale one.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = Path(cache_dir) / BUILD_LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> BuildLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CacheError(
+                f"{self.path.parent} is being written by another build (pid {holder} holds "
+                f"{self.path}); wait for it to finish or use another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._fd is not None:
+            if exc_type is None:  # a finished build leaves only the cache's own files
+                self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # releases the flock
+            self._fd = None
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
