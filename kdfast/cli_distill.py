@@ -114,7 +114,21 @@ def _cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from kdfast import distributed
+
+    # Under torchrun every rank runs this: DistributedDataParallel over the ranks' shares of
+    # each epoch; rank 0 evaluates, logs and writes the checkpoint (see kdfast.train.fit).
+    started = distributed.init_from_env("cpu")
+    try:
+        return _train_command(args)
+    finally:
+        if started:
+            distributed.shutdown()
+
+
+def _train_command(args: argparse.Namespace) -> int:
     import kdfast
+    from kdfast import distributed
     from kdfast.data import load_dataset
     from kdfast.models import jitter, mlp, parse_sizes
     from kdfast.train import TrainConfig, fit
@@ -152,6 +166,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  out_dir=args.out, resume=not args.no_resume, model_spec=spec, name=Path(args.out).name,
                  progress=not args.quiet)
     final = result.final
+    if not distributed.is_main():
+        return 0
     print(f"{Path(args.out).name}: test errors {final.get('test_errors')} / {final.get('test_n')} after "
           f"{final.get('epoch')} epochs; checkpoint {Path(args.out) / 'checkpoint.pt'}, log "
           f"{Path(args.out) / 'metrics.json'}")

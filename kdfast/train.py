@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
+from kdfast import distributed
 from kdfast.cache.ensemble import check_ensemble, combine_members, teacher_logits
 from kdfast.cache.format import CacheMismatchError, atomic_write_bytes, atomic_write_json
 from kdfast.cache.reader import SoftTargetCache
@@ -327,8 +328,15 @@ def fit(
         "augment": None if augment is None else getattr(augment, "__name__", repr(augment)),
         "model_spec": model_spec, "train_rows": len(train_data),
     }
+    world = distributed.world_size()
+    if world > 1:
+        # Another process count deals other rows to each rank: a checkpoint is tied to it.
+        run_config["world_size"] = world
 
-    n = len(train_data)
+    # Under torch.distributed each rank trains on its DistributedSampler share (drop_last,
+    # so every rank runs the same number of steps) with batch_size rows per step; DDP
+    # averages the gradients, so one step sees world * batch_size rows.
+    n = len(train_data) // world
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     if cfg.max_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.max_batches)
@@ -367,12 +375,22 @@ def fit(
             start_epoch = payload["epoch"]
 
     began = time.perf_counter()
+    main = distributed.is_main()
+    progress = progress and main
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda"
+                                                    else None)
     epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc=name, unit="epoch", disable=not progress,
                       initial=start_epoch, total=cfg.epochs, dynamic_ncols=True)
     for epoch in epochs_bar:
-        record = _train_epoch(student, train_data, source, loss, cfg, optimizer, scheduler,
+        record = _train_epoch(model, train_data, source, loss, cfg, optimizer, scheduler,
                               augment, epoch, steps_per_epoch, device, progress)
         last = epoch + 1 == cfg.epochs
+        if not main:
+            result.history.append(record)
+            distributed.barrier()  # rank 0 evaluates and writes the checkpoint
+            continue
         if eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
             ev = evaluate(student, eval_data)
             record.update(test_errors=ev["errors"], test_n=ev["n"], test_error_rate=ev["error_rate"],
@@ -389,6 +407,7 @@ def fit(
                 "scheduler": scheduler.state_dict(), "history": result.history,
             })
             atomic_write_json(Path(out_dir) / METRICS, {"config": run_config, "epochs": result.history})
+        distributed.barrier()
     epochs_bar.close()
     result.seconds = time.perf_counter() - began
     return result
@@ -398,7 +417,12 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
                  steps, device, progress) -> dict:
     seed = _epoch_seed(cfg.seed, epoch)
     torch.manual_seed(seed)  # dropout
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    if distributed.is_distributed():
+        sampler = DistributedSampler(data, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+    else:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     order = order[: steps * cfg.batch_size]
     aug_gen = torch.Generator().manual_seed(seed + 1)
     student.train()
@@ -432,6 +456,10 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
         if step % 20 == 0:
             bar.set_postfix(loss=f"{float(value.detach()):.4f}")
     bar.close()
+    if distributed.is_distributed():  # every rank's loss and rows, summed (rank 0 logs them)
+        sums = torch.tensor([total, float(rows)], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        total, rows = sums[0].item(), int(sums[1].item())
     seconds = time.perf_counter() - t0
     return {"epoch": epoch + 1, "train_loss": total / max(rows, 1), "lr": optimizer.param_groups[0]["lr"],
             "seconds": seconds, "rows_per_s": rows / seconds if seconds > 0 else 0.0}

@@ -199,3 +199,106 @@ def test_disk_full_is_a_clear_error_and_the_build_resumes(tmp_path, script, sing
     subprocess.run([sys.executable, str(script), str(out)], check=True, env=_env(), timeout=TIMEOUT,
                    stdout=subprocess.DEVNULL)
     assert _dir_bytes(out) == _dir_bytes(single)
+
+
+# ------------------------------------------------------------------------------- training
+_TRAIN = textwrap.dedent("""
+    import os, sys, time, torch
+    import kdfast
+    from kdfast import distributed
+    from kdfast.data import load_digits_split
+    from kdfast.models import mlp
+    from kdfast.train import TrainConfig, fit
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    cache, out = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"pid.rank-{distributed.rank()}"), "w") as f:
+        f.write(str(os.getpid()))
+    train, test = load_digits_split()
+    torch.manual_seed(0)
+    student = mlp([64, 32, 10], dropout=0.1)
+    if os.environ.get("SLOW") == "1":
+        student.register_forward_hook(lambda *a: time.sleep(0.02))
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=3)
+    fit(student, train, teacher=cache, loss=kdfast.KDLoss(temperature=4.0, alpha=0.9), config=cfg,
+        eval_data=test, out_dir=out, progress=False)
+    distributed.shutdown()
+""")
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory) -> Path:
+    pytest.importorskip("sklearn")
+    from kdfast.cache import build_cache
+    from kdfast.data import load_digits_split
+    from kdfast.models import mlp
+
+    train, _ = load_digits_split()
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("digits") / "cache"
+    build_cache(mlp([64, 64, 10]), train, out, batch_size=256, dtype="float32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("scripts") / "train.py"
+    path.write_text(_TRAIN)
+    return path
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _kill_after_first_checkpoint(cmd: list[str], run: Path, pid_file: str) -> None:
+    proc = subprocess.Popen(cmd, env=_env(SLOW="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(int((run / pid_file).read_text()), signal.SIGKILL)
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    epochs = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]
+    assert 1 <= epochs < 4, f"killed after {epochs} of 4 epochs"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_training_killed_and_resumed_ends_bit_identical(tmp_path, train_script, digits_cache, nproc):
+    def command(run: Path) -> list[str]:
+        args = [str(train_script), str(digits_cache), str(run)]
+        return _torchrun(2, *args) if nproc == 2 else [sys.executable, *args]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(command(straight), env=_env(), timeout=TIMEOUT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _kill_after_first_checkpoint(command(killed), killed, "pid.rank-1" if nproc == 2 else "pid.rank-0")
+    again = subprocess.run(command(killed), env=_env(), timeout=TIMEOUT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]
+    assert all("test_errors" in e and e["train_loss"] > 0 for e in metrics["epochs"])
+    if nproc == 2:
+        assert metrics["config"]["world_size"] == 2
+        # Rank 0 logged the loss over both ranks' rows: each rank has 1204 // 2 rows.
+        assert all(e["rows_per_s"] > 0 for e in metrics["epochs"])
+
+
+def test_resuming_with_another_process_count_is_refused(tmp_path, train_script, digits_cache):
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(train_script), str(digits_cache), str(run)], env=_env(),
+                          timeout=TIMEOUT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = subprocess.run(_torchrun(2, str(train_script), str(digits_cache), str(run)), env=_env(),
+                           timeout=TIMEOUT, capture_output=True, text=True)
+    assert again.returncode != 0
+    assert "another configuration" in again.stderr and "world_size" in again.stderr
