@@ -271,6 +271,10 @@ def _prepare_dir(out: Path, config: dict, overwrite: bool) -> dict[int, dict] | 
         for shard in shards:
             # A shard listed here was renamed into place before being listed; re-hash anyway
             # so a damaged file is recomputed rather than carried into the manifest.
+            if not (isinstance(shard, dict) and isinstance(shard.get("start"), int)
+                    and isinstance(shard.get("stop"), int)
+                    and shard.get("file") == shard_name(shard["start"], shard["stop"])):
+                continue  # not an entry a build wrote: that range is recomputed
             path = out / shard["file"]
             if path.exists() and sha256_file(path) == shard["sha256"]:
                 done[shard["start"]] = shard

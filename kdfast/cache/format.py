@@ -173,7 +173,14 @@ def open_shard(path: Path, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     caller that writes into a returned view changes only its private pages, never the file.
     """
     torch_dtype, np_dtype = DTYPES[dtype]
-    array = np.load(path, mmap_mode="c", allow_pickle=False)
+    try:
+        # allow_pickle=False: an object array is refused, never unpickled; numpy also bounds
+        # the header it parses (max_header_size).
+        array = np.load(path, mmap_mode="c", allow_pickle=False)
+    except FileNotFoundError:
+        raise CacheCorruptError(f"shard {path} is missing; rebuild the cache") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise CacheCorruptError(f"shard {path} is unreadable ({exc}); rebuild the cache") from None
     if array.dtype != np_dtype or tuple(array.shape) != tuple(shape) or not array.flags.c_contiguous:
         raise CacheCorruptError(
             f"{path}: header says dtype {array.dtype} shape {tuple(array.shape)}, the manifest "
@@ -183,9 +190,17 @@ def open_shard(path: Path, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor
 
 
+# A manifest lists one small entry per shard; anything larger is not one of ours.
+MAX_JSON_BYTES = 64 << 20
+
+
 def read_json(path: Path, what: str) -> dict:
-    """Reads a JSON object, turning a missing or garbled file into a CacheError."""
+    """Reads a JSON object, turning a missing, oversized or garbled file into a CacheError."""
     try:
+        size = os.path.getsize(path)
+        if size > MAX_JSON_BYTES:
+            raise CacheError(f"{what} {path} is too large ({size} bytes > {MAX_JSON_BYTES}): not a "
+                             "kdfast cache file")
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except FileNotFoundError:
@@ -216,20 +231,49 @@ def load_manifest(cache_dir: str | Path) -> dict:
             f"version {FORMAT_VERSION}: rebuild the cache"
         )
     try:
-        expected = 0
-        for shard in manifest["shards"]:
-            if shard["start"] != expected or shard["stop"] <= shard["start"]:
-                raise CacheError(f"{path}: shards do not tile the rows (at row {expected}: {shard})")
-            expected = shard["stop"]
-        if expected != manifest["num_rows"]:
-            raise CacheError(f"{path}: shards cover {expected} rows, num_rows is {manifest['num_rows']}")
-        if manifest["dtype"] not in DTYPES or manifest["ensemble"]["mode"] not in ENSEMBLE_MODES:
-            raise CacheError(f"{path}: unknown dtype or ensemble mode")
-        for key in ("num_classes", "teacher_fingerprint", "dataset_fingerprint"):
-            manifest[key]  # noqa: B018  (presence check)
-    except (KeyError, TypeError) as exc:
-        raise CacheError(f"{path} is malformed (missing or bad field {exc}); rebuild the cache") from None
+        _check_manifest_fields(manifest)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{path} is malformed ({exc}); rebuild the cache") from None
+    expected = 0
+    for shard in manifest["shards"]:
+        if shard["start"] != expected or shard["stop"] <= shard["start"]:
+            raise CacheError(f"{path}: shards do not tile the rows (at row {expected}: {shard})")
+        expected = shard["stop"]
+    if expected != manifest["num_rows"]:
+        raise CacheError(f"{path}: shards cover {expected} rows, num_rows is {manifest['num_rows']}")
     return manifest
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_manifest_fields(m: dict) -> None:
+    """Types and ranges of every field the reader uses; the file names must be the ones a
+    build writes (no path can point outside the cache directory)."""
+    for key, low in (("num_rows", 1), ("num_classes", 1), ("rows_per_shard", 1)):
+        if not _is_int(m[key], low):
+            raise ValueError(f"field {key!r} must be an int >= {low}, got {m[key]!r}")
+    if m["dtype"] not in DTYPES:
+        raise ValueError(f"unknown dtype {m['dtype']!r}")
+    ensemble = m["ensemble"]
+    if not isinstance(ensemble, dict) or ensemble.get("mode") not in ENSEMBLE_MODES or not _is_int(
+            ensemble.get("members"), 1):
+        raise ValueError(f"bad ensemble {ensemble!r}")
+    for key in ("teacher_fingerprint", "dataset_fingerprint"):
+        if not isinstance(m[key], str):
+            raise ValueError(f"field {key!r} must be a string")
+    if not isinstance(m["shards"], list) or not m["shards"]:
+        raise ValueError("field 'shards' must be a non-empty list")
+    for shard in m["shards"]:
+        if not isinstance(shard, dict) or not _is_int(shard.get("start")) or not _is_int(shard.get("stop")):
+            raise ValueError(f"bad shard entry {shard!r}")
+        if shard.get("file") != shard_name(shard["start"], shard["stop"]):
+            raise ValueError(f"shard file {shard.get('file')!r} is not the name of rows "
+                             f"[{shard['start']}, {shard['stop']})")
+        sha = shard.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ValueError(f"bad sha256 in shard entry {shard!r}")
 
 
 def row_shape(manifest: dict) -> tuple[int, ...]:
