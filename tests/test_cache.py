@@ -121,8 +121,13 @@ def test_rebuild_same_arguments_is_a_no_op(tmp_path, data):
 
 
 def test_default_shard_size_is_a_multiple_of_the_batch(tmp_path, data):
-    m = build_cache(make_teacher(), data, tmp_path, batch_size=50, progress=False).manifest
-    assert m["rows_per_shard"] % 50 == 0 and len(m["shards"]) == 1
+    # 300 rows in 6 batches: one batch per shard, so up to 6 processes share the build.
+    m = build_cache(make_teacher(), data, tmp_path / "a", batch_size=50, progress=False).manifest
+    assert m["rows_per_shard"] == 50 and len(m["shards"]) == 6
+    # 64 batches: 16 shards of 4 batches.
+    x = torch.randn(64 * 8, D, generator=torch.Generator().manual_seed(3))
+    m = build_cache(make_teacher(), x, tmp_path / "b", batch_size=8, progress=False).manifest
+    assert m["rows_per_shard"] == 32 and len(m["shards"]) == 16
 
 
 # ------------------------------------------------------------------------- random access

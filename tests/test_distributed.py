@@ -302,3 +302,30 @@ def test_resuming_with_another_process_count_is_refused(tmp_path, train_script, 
                            timeout=TIMEOUT, capture_output=True, text=True)
     assert again.returncode != 0
     assert "another configuration" in again.stderr and "world_size" in again.stderr
+
+
+def test_cli_cache_build_under_torchrun_equals_one_process(tmp_path):
+    """`kdfast cache build` itself under torchrun, with the default shard layout."""
+    pytest.importorskip("sklearn")
+    from kdfast.cli import main
+
+    teacher = tmp_path / "teacher"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert main(["train", "--data", "digits", "--student", "64-64-10", "--epochs", "1", "--out",
+                     str(teacher), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    args = ["cache", "build", "--teacher", str(teacher), "--data", "digits", "--batch-size", "64",
+            "--threads", "1", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "kdfast.cli", *args, "--out", str(tmp_path / "one")],
+                         env=_env(), timeout=TIMEOUT, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(_torchrun(2, "-m", "kdfast.cli", *args, "--out", str(tmp_path / "two")),
+                         env=_env(), timeout=TIMEOUT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "by 2 processes" in two.stdout and two.stdout.count("cached") == 1  # rank 0 reports
+    # 1204 rows = 19 batches of 64: 2 batches per shard, 10 shards.
+    assert len(list((tmp_path / "one").glob("logits-*.npy"))) == 10
+    assert _dir_bytes(tmp_path / "one") == _dir_bytes(tmp_path / "two")

@@ -38,6 +38,8 @@ from kdfast.cache.format import (
 
 # Default shard size: the in-memory buffer of one shard stays under this many bytes.
 SHARD_BYTES = 256 << 20
+# Default shard count to aim for (see build_cache): enough to keep 16 processes busy.
+MIN_SHARDS = 16
 
 
 @dataclass
@@ -120,7 +122,7 @@ def build_cache(
         batch_size: teacher batch size (default 4096).
         rows_per_shard: rows per shard file, a multiple of ``batch_size`` so shards split on
             batch boundaries (a resumed build then runs exactly the same batches). Default:
-            the largest multiple whose buffer stays under 256 MiB.
+            about 16 shards (the unit of work of a multi-process build), each under 256 MiB.
         ensemble: for several teachers: "mean_logits" (default; serves every T),
             "mean_probs" (needs ``temperature``; the cache then only serves that T) or
             "members" (stores each member's logits, rows of shape ``(M, C)``).
@@ -197,7 +199,12 @@ def _build_locked(teachers, dataset, out: Path, *, mode, dtype, batch_size, rows
                 )
             row_bytes = store_dtype.itemsize * int(torch.Size(row_shape).numel())
             if rows_per_shard is None:
-                rows_per_shard = batch_size * max(1, SHARD_BYTES // (batch_size * row_bytes))
+                # At most SHARD_BYTES per shard, and at least MIN_SHARDS shards when there are
+                # that many batches: shards are the unit a K-process build deals out, and the
+                # layout must not depend on K (a 1- and a K-process build write the same files).
+                batches = -(-num_rows // batch_size)
+                per_shard = min(SHARD_BYTES // (batch_size * row_bytes), -(-batches // MIN_SHARDS))
+                rows_per_shard = batch_size * max(1, per_shard)
             config = {
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
