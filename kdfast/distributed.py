@@ -54,7 +54,11 @@ def init_from_env(device: str | torch.device = "cpu") -> bool:
 
 
 def shutdown() -> None:
+    """Destroys the process group once every rank is done with it: a rank that tore down its
+    gloo connections while a peer was still finishing a collective could abort that peer."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

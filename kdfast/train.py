@@ -9,6 +9,7 @@ run resumed from its checkpoint continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -409,6 +410,16 @@ def fit(
             atomic_write_json(Path(out_dir) / METRICS, {"config": run_config, "epochs": result.history})
         distributed.barrier()
     epochs_bar.close()
+    if model is not student:
+        # DDP's gradient hooks live on the student's parameters and keep its reducer (and the
+        # process group) referenced for as long as the caller keeps the student: detach them,
+        # or the reducer is torn down at interpreter exit, after the process group, which can
+        # abort the process.
+        remove_hooks = getattr(model, "_remove_autograd_hooks", None)
+        if remove_hooks is not None:
+            remove_hooks()
+        del model
+        gc.collect()  # the wrapper sits in reference cycles: free its reducer now
     result.seconds = time.perf_counter() - began
     return result
 

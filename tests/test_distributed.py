@@ -58,7 +58,8 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
 
 
 def _env(**extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    # PYTHONFAULTHANDLER: a worker that aborts prints where it was.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **extra}
     env.pop("SLOW", None)
     env.update(extra)
     return env

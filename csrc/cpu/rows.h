@@ -139,7 +139,12 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     // Pass 2: exps, stashed for pass 3, and their sums. 3 exps per element, 2 when the hard
     // term reuses softmax(s/T) (T == 1) or there is none.
     const A max_a = max_s * inv_t, max_b = max_t * inv_t;
-    A z_a = A(0), z_b = A(0), z_s = A(0);
+    // cross = sum_k e_b[k] (x_b[k] - x_a[k]) over the exps' arguments x = logit/T - row max:
+    // log p_k - log q_k = x_b[k] - x_a[k] + log z_a - log z_b, so kl's soft loss is
+    // cross / z_b + log z_a - log z_b and kl needs no later pass over the logits. Relative to
+    // the row maxima nothing large cancels (huge logits included). weighted: a -inf (masked)
+    // teacher entry adds 0.
+    A z_a = A(0), z_b = A(0), z_s = A(0), cross = A(0);
     const A* e_s = e_a;  // softmax(s) == softmax(s/T) when T == 1; a harmless dummy w/o hard term
     // Processed in chunks, each followed by prefetches of the same chunk of the next row: the
     // exps are compute-bound, so the next row's pass 1 then reads from cache, not DRAM.
@@ -151,10 +156,12 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
       const int64_t k1 = k0 + kPrefetchChunk < C ? k0 + kPrefetchChunk : C;
       if (separate_hard_exp && P.hard_exp_squarings > 0) {
         const bool twice = P.hard_exp_squarings == 2;
-#pragma omp simd reduction(+ : z_a, z_b, z_s)
+#pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
         for (int64_t k = k0; k < k1; ++k) {
-          const A ea = exp_nonpos(s[k] * inv_t - max_a);
-          const A eb = exp_nonpos(t[k] * inv_t - max_b);
+          const A xa = s[k] * inv_t - max_a, xb = t[k] * inv_t - max_b;
+          const A ea = exp_nonpos(xa);
+          const A eb = exp_nonpos(xb);
+          cross += weighted(eb, xb - xa);
           const A ea2 = ea * ea;
           const A es = twice ? ea2 * ea2 : ea2;
           e_a[k] = ea;
@@ -165,10 +172,12 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
           z_s += es;
         }
       } else if (separate_hard_exp) {
-#pragma omp simd reduction(+ : z_a, z_b, z_s)
+#pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
         for (int64_t k = k0; k < k1; ++k) {
-          const A ea = exp_nonpos(s[k] * inv_t - max_a);
-          const A eb = exp_nonpos(t[k] * inv_t - max_b);
+          const A xa = s[k] * inv_t - max_a, xb = t[k] * inv_t - max_b;
+          const A ea = exp_nonpos(xa);
+          const A eb = exp_nonpos(xb);
+          cross += weighted(eb, xb - xa);
           const A es = exp_nonpos(s[k] - max_s);
           e_a[k] = ea;
           e_b[k] = eb;
@@ -178,10 +187,12 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
           z_s += es;
         }
       } else {
-#pragma omp simd reduction(+ : z_a, z_b)
+#pragma omp simd reduction(+ : z_a, z_b, cross)
         for (int64_t k = k0; k < k1; ++k) {
-          const A ea = exp_nonpos(s[k] * inv_t - max_a);
-          const A eb = exp_nonpos(t[k] * inv_t - max_b);
+          const A xa = s[k] * inv_t - max_a, xb = t[k] * inv_t - max_b;
+          const A ea = exp_nonpos(xa);
+          const A eb = exp_nonpos(xb);
+          cross += weighted(eb, xb - xa);
           e_a[k] = ea;
           e_b[k] = eb;
           z_a += ea;
@@ -201,23 +212,34 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     }
     const RowNorm<A> n = row_norm(inv_t, max_s, max_t, z_a, z_b, z_s);
 
-    // Pass 3: the soft loss; for kl also the gradient. The gradient is built in e_a's slots
-    // (each read before it is overwritten) and written out once at the end (write_grad_row):
-    // streamed past the cache for float gradients, and after every read of the student row,
-    // which in-place mode overwrites. The label's element needs the exps first.
+    // Pass 3: kl's soft loss comes from pass 2's cross sum and its gradient is computed and
+    // streamed out chunk by chunk. reverse_kl and jsd need a row sum of pass 3 first: their
+    // gradient is built in e_a's slots (each read before it is overwritten) and written out
+    // at the end. Either way the gradient is stored after every read of the student row, which
+    // in-place mode overwrites, and float gradients are streamed past the cache.
     const A ea_y = need_hard ? e_a[y] : A(0);
     const A es_y = need_hard ? e_s[y] : A(0);
     A soft = A(0), grad_kl = A(0);
     if (P.kind == KIND_KL) {
+      soft = cross * n.inv_zb + (kd_log(z_a) - kd_log(z_b));
       if (grad_row) {
-#pragma omp simd reduction(+ : soft)
-        for (int64_t k = 0; k < C; ++k) {
-          soft += weighted(e_b[k] * n.inv_zb, log_ratio_pq(s[k], t[k], n));
-          e_a[k] = soft_g * soft_grad_kl(e_a[k], e_b[k], n) + hard_g * hard_grad(e_s[k], eps_over_c, n);
+        // One pass: each chunk of the gradient is computed into an L1 buffer (the label's
+        // element, rounded once, put in place) and streamed out.
+        A gy = A(0);
+        if (need_hard) {
+          gy = hard_g * (hard_grad(e_s[y], eps_over_c, n) - (A(1) - eps)) +
+               soft_g * soft_grad_kl(e_a[y], e_b[y], n);
         }
-      } else {
-#pragma omp simd reduction(+ : soft)
-        for (int64_t k = 0; k < C; ++k) soft += weighted(e_b[k] * n.inv_zb, log_ratio_pq(s[k], t[k], n));
+        alignas(64) A chunk[kPrefetchChunk];
+        for (int64_t k0 = 0; k0 < C; k0 += kPrefetchChunk) {
+          const int64_t k1 = k0 + kPrefetchChunk < C ? k0 + kPrefetchChunk : C;
+#pragma omp simd
+          for (int64_t k = k0; k < k1; ++k) {
+            chunk[k - k0] = soft_g * soft_grad_kl(e_a[k], e_b[k], n) + hard_g * hard_grad(e_s[k], eps_over_c, n);
+          }
+          if (need_hard && y >= k0 && y < k1) chunk[y - k0] = gy;
+          write_grad_row(grad_row + k0, chunk, k1 - k0);
+        }
       }
     } else if (P.kind == KIND_REVERSE_KL) {
 #pragma omp simd reduction(+ : soft)
@@ -257,19 +279,14 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     A hard = A(0);
     if (need_hard) {
       hard = hard_loss(s_y, sum_s, C, eps, n);
-      if (grad_row) {
+      if (grad_row && P.kind != KIND_KL) {
         // Recompute the label's element in full precision so it is rounded once.
-        A gy = hard_g * (hard_grad(es_y, eps_over_c, n) - (A(1) - eps));
-        if (P.kind == KIND_KL) {
-          gy += soft_g * soft_grad_kl(ea_y, e_b[y], n);
-        } else {
-          const A weight = P.kind == KIND_JSD ? A(1) - static_cast<A>(P.beta) : A(1);
-          gy += soft_g * soft_grad_mode_seeking(ea_y, e_b[y], grad_kl, weight, n);
-        }
-        e_a[y] = gy;
+        const A weight = P.kind == KIND_JSD ? A(1) - static_cast<A>(P.beta) : A(1);
+        e_a[y] = hard_g * (hard_grad(es_y, eps_over_c, n) - (A(1) - eps)) +
+                 soft_g * soft_grad_mode_seeking(ea_y, e_b[y], grad_kl, weight, n);
       }
     }
-    if (grad_row) write_grad_row(grad_row, e_a, C);
+    if (grad_row && P.kind != KIND_KL) write_grad_row(grad_row, e_a, C);
     out_loss[i] = row_loss(soft, hard, P);
   }
   stream_fence();
