@@ -136,8 +136,8 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
       for (int64_t k = 0; k < C; ++k) sum_s += s[k];
     }
 
-    // Pass 2: exps, stashed for pass 3, and their sums. 3 exps per element, 2 when the hard
-    // term reuses softmax(s/T) (T == 1) or there is none.
+    // Pass 2: exps, stashed for pass 3, and their sums. 3 exps per element; 2 when the hard
+    // term reuses softmax(s/T) (T == 1), squares it (T == 2 or 4), or there is none.
     const A max_a = max_s * inv_t, max_b = max_t * inv_t;
     // cross = sum_k e_b[k] (x_b[k] - x_a[k]) over the exps' arguments x = logit/T - row max:
     // log p_k - log q_k = x_b[k] - x_a[k] + log z_a - log z_b, so kl's soft loss is
