@@ -1,7 +1,9 @@
 """The real thing on this machine: `torchrun --nproc_per_node=2` with gloo on the CPU.
 
-A 2-process cache build equals a single-process one byte for byte, survives a SIGKILLed rank
-(rerun the same command: it resumes), and refuses to share its directory with another build.
+A 2-process cache build equals a single-process one byte for byte (Python API and CLI),
+survives a SIGKILLed rank (rerun the same command: it resumes), and refuses to share its
+directory with another build; a full disk leaves it resumable. DDP training from a cache,
+killed after a checkpoint and rerun, ends bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
