@@ -96,6 +96,22 @@ def test_huge_manifest_is_refused_before_parsing(cache_dir):
         SoftTargetCache(cache_dir)
 
 
+def test_deeply_nested_manifest_is_a_cache_error(cache_dir):
+    (cache_dir / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CacheError, match="nests too deeply"):
+        SoftTargetCache(cache_dir)
+
+
+def test_shard_header_that_is_not_a_literal(cache_dir):
+    shard = _shards(cache_dir)[2]
+    raw = bytearray(shard.read_bytes())
+    start = raw.index(b"{")
+    raw[start:start + 8] = b"{'descr'"[::-1]  # a header numpy cannot parse
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheCorruptError, match=shard.name):
+        _read_all(cache_dir, verify_on_open=False)
+
+
 # ------------------------------------------------------------------------------ fuzzing
 FIELDS = ["num_rows", "num_classes", "dtype", "shards", "ensemble", "format", "format_version",
           "rows_per_shard", "teacher_fingerprint", "dataset_fingerprint"]

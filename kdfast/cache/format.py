@@ -179,8 +179,9 @@ def open_shard(path: Path, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
         array = np.load(path, mmap_mode="c", allow_pickle=False)
     except FileNotFoundError:
         raise CacheCorruptError(f"shard {path} is missing; rebuild the cache") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise CacheCorruptError(f"shard {path} is unreadable ({exc}); rebuild the cache") from None
+    except Exception as exc:  # numpy's header parser raises many types (SyntaxError, ...)
+        raise CacheCorruptError(f"shard {path} is unreadable ({type(exc).__name__}: {exc}); rebuild "
+                                "the cache") from None
     if array.dtype != np_dtype or tuple(array.shape) != tuple(shape) or not array.flags.c_contiguous:
         raise CacheCorruptError(
             f"{path}: header says dtype {array.dtype} shape {tuple(array.shape)}, the manifest "
@@ -207,6 +208,8 @@ def read_json(path: Path, what: str) -> dict:
         raise CacheError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{what} {path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CacheError(f"{what} {path} nests too deeply: not a kdfast cache file") from None
     if not isinstance(obj, dict):
         raise CacheError(f"{what} {path} is not a JSON object")
     return obj
