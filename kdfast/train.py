@@ -306,6 +306,13 @@ def fit(
             rebuild the model (see :func:`kdfast.models.build_model`).
         name: label for the progress bar and the log.
         progress: show progress bars (epochs; rows/s and loss within an epoch).
+
+    Inside an initialized ``torch.distributed`` process group of K > 1 ranks (e.g. under
+    ``torchrun``; the CLI initializes it) the student is wrapped in DistributedDataParallel
+    and each rank trains on its ``DistributedSampler`` share of every epoch with
+    ``config.batch_size`` rows per step (K times that per optimizer step overall). Loss and
+    rows are summed over the ranks; rank 0 evaluates, logs and writes the checkpoint, every
+    rank resumes from it, and the checkpoint records K (resuming with another K is refused).
     """
     cfg = config or TrainConfig()
     if teacher is None and loss is not None:
