@@ -45,17 +45,22 @@ def _load_teachers(paths: list[str]):
     return teachers
 
 
-def _cmd_cache_build(args: argparse.Namespace) -> int:
+def _under_torchrun(command, args: argparse.Namespace) -> int:
+    """Runs ``command(args)`` on every rank when launched by torchrun (K processes share one
+    process group), or once otherwise."""
     from kdfast import distributed
 
-    # Under torchrun (K processes) every rank runs this command: the shards are split across
-    # the ranks and rank 0 writes the manifest (see kdfast.cache.build_cache).
     started = distributed.init_from_env("cpu")
     try:
-        return _build_cache_command(args)
+        return command(args)
     finally:
         if started:
             distributed.shutdown()
+
+
+def _cmd_cache_build(args: argparse.Namespace) -> int:
+    # The shards are split across the ranks; rank 0 writes the manifest (build_cache).
+    return _under_torchrun(_build_cache_command, args)
 
 
 def _build_cache_command(args: argparse.Namespace) -> int:
@@ -114,16 +119,9 @@ def _cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from kdfast import distributed
-
-    # Under torchrun every rank runs this: DistributedDataParallel over the ranks' shares of
-    # each epoch; rank 0 evaluates, logs and writes the checkpoint (see kdfast.train.fit).
-    started = distributed.init_from_env("cpu")
-    try:
-        return _train_command(args)
-    finally:
-        if started:
-            distributed.shutdown()
+    # DistributedDataParallel over the ranks' shares of each epoch; rank 0 evaluates, logs and
+    # writes the checkpoint (kdfast.train.fit).
+    return _under_torchrun(_train_command, args)
 
 
 def _train_command(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from kdfast.cache.format import MANIFEST, CacheError
+from tests.test_cache import dir_bytes
 
 TIMEOUT = 120  # seconds per launched command: a hang fails the test instead of blocking CI
 
@@ -67,10 +68,6 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _dir_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
-
-
 @pytest.fixture(scope="module")
 def script(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("scripts") / "build.py"
@@ -92,9 +89,9 @@ def test_two_process_build_is_byte_identical(tmp_path, script, single):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0/2" in done.stdout and "rank 1/2" in done.stdout
-    assert _dir_bytes(out) == _dir_bytes(single)  # every shard and the manifest
+    assert dir_bytes(out) == dir_bytes(single)  # every shard and the manifest
     # Both ranks did work: shard j went to rank j % 2.
-    assert sorted(_dir_bytes(out)) == sorted(_dir_bytes(single))
+    assert sorted(dir_bytes(out)) == sorted(dir_bytes(single))
 
 
 def test_killed_rank_resumes_to_identical_bytes(tmp_path, script, single):
@@ -121,7 +118,7 @@ def test_killed_rank_resumes_to_identical_bytes(tmp_path, script, single):
     again = subprocess.run(_torchrun(2, str(script), str(out)), env=_env(), timeout=TIMEOUT,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _dir_bytes(out) == _dir_bytes(single)
+    assert dir_bytes(out) == dir_bytes(single)
 
 
 @pytest.mark.parametrize("kill_after_shards", [0, 1, 3])
@@ -149,7 +146,7 @@ def test_single_process_killed_at_several_points_resumes_identically(tmp_path, s
     assert not (out / MANIFEST).exists()
     subprocess.run([sys.executable, str(script), str(out)], check=True, env=_env(), timeout=TIMEOUT,
                    stdout=subprocess.DEVNULL)
-    assert _dir_bytes(out) == _dir_bytes(single)
+    assert dir_bytes(out) == dir_bytes(single)
 
 
 def test_a_second_concurrent_build_is_refused(tmp_path, script, single):
@@ -173,7 +170,7 @@ def test_a_second_concurrent_build_is_refused(tmp_path, script, single):
     finally:
         proc.wait(timeout=TIMEOUT)
     assert proc.returncode == 0
-    assert _dir_bytes(out) == _dir_bytes(single)  # ... and its cache is intact
+    assert dir_bytes(out) == dir_bytes(single)  # ... and its cache is intact
 
 
 _DISK_FULL = textwrap.dedent("""
@@ -201,7 +198,7 @@ def test_disk_full_is_a_clear_error_and_the_build_resumes(tmp_path, script, sing
     assert not list(out.glob(".*.tmp.*"))  # no half-written shard left behind
     subprocess.run([sys.executable, str(script), str(out)], check=True, env=_env(), timeout=TIMEOUT,
                    stdout=subprocess.DEVNULL)
-    assert _dir_bytes(out) == _dir_bytes(single)
+    assert dir_bytes(out) == dir_bytes(single)
 
 
 # ------------------------------------------------------------------------------- training
@@ -331,4 +328,4 @@ def test_cli_cache_build_under_torchrun_equals_one_process(tmp_path):
     assert "by 2 processes" in two.stdout and two.stdout.count("cached") == 1  # rank 0 reports
     # 1204 rows = 19 batches of 64: 2 batches per shard, 10 shards.
     assert len(list((tmp_path / "one").glob("logits-*.npy"))) == 10
-    assert _dir_bytes(tmp_path / "one") == _dir_bytes(tmp_path / "two")
+    assert dir_bytes(tmp_path / "one") == dir_bytes(tmp_path / "two")
