@@ -341,6 +341,36 @@ def test_fully_masked_teacher_row_matches_reference(kind):
     torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_spanning_chunks_with_distant_maxima(kind, T, dtype):
+    """The CPU row loops take each row in chunks of 1024 elements with chunk-local maxima and
+    rescale them at the end (csrc/cpu/rows.h). Rows built so that the chunk maxima differ
+    widely, a teacher chunk is entirely masked, and the maxima sit in the last, partial chunk
+    must still match the reference. T = 1, 2, 4 and 3 take the three ways of forming
+    softmax(s)."""
+    N, C = 6, 4100  # four full chunks and a partial one
+    s = torch.randn(N, C, generator=gen(40), dtype=torch.float64)
+    t = torch.randn(N, C, generator=gen(41), dtype=torch.float64)
+    s[0, 4096:] += 30.0  # student maximum in the partial chunk
+    t[0, :1024] -= 30.0  # a teacher chunk far below the row maximum
+    s[1, 1024:2048] -= 40.0  # a student chunk whose scale underflows float at T = 1
+    t[1, 2048:3072] += 25.0
+    if kind != "reverse_kl":  # -inf teacher entries make reverse_kl +inf by definition
+        t[2, :1024] = float("-inf")  # a whole masked teacher chunk
+        t[3, 1024:] = float("-inf")  # only the first chunk has teacher mass
+    s[4, 3000] = 20.0  # a single peak
+    t[5, C - 1] = 20.0
+    target = torch.tensor([4099, 1500, 0, 1030, 3000, 2])  # labels in scaled-down chunks too
+    student = make_logits((N,), C, dtype=dtype, seed=0)
+    student.base.copy_(s.to(dtype))
+    res = check_case(student, t.to(dtype), target, temperature=T, alpha=0.5, kind=kind,
+                     label_smoothing=0.1, reduction="none", upstream="random")
+    assert torch.isfinite(res.loss).all()
+    assert torch.isfinite(res.grad).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Shapes, upstream gradients, grad-disabled paths, the module
 # --------------------------------------------------------------------------------------------

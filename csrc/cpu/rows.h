@@ -81,25 +81,80 @@ inline void stream_fence() { _mm_sfence(); }
 inline void stream_fence() {}
 #endif
 
-// Elements per pass-2 chunk between prefetches of the next row (see run_rows_typed).
-constexpr int64_t kPrefetchChunk = 1024;
+// Rows are processed in chunks of kRowChunk elements (cpu_rows_api.h). Pass 2 reads each
+// chunk of the logits once: its maxima first (which brings the chunk into L1), then its exps
+// relative to those chunk maxima, stashed along with the chunk's sums. The row maxima are
+// known only after the last chunk, so a chunk's exps carry a scale r = exp(chunk max - row
+// max), which the gradient passes fold into the normalizers (chunk_norm) instead of rewriting
+// the stash: the logits come from memory once, not twice (benchmarks/NOTES.md, entry 9).
+
+// The exps are compute-bound and wait on memory whenever a chunk's first read misses (the
+// hardware prefetcher stops at each 4 KiB page: a chunk of floats). So each block of
+// kPrefetchBlock exps is followed by prefetches of the logits kPrefetchAhead elements on, the
+// next chunk (into the next row at the row's end): small bursts, spread over the compute
+// (NOTES.md, entry 9).
+constexpr int64_t kPrefetchBlock = 256;
+constexpr int64_t kPrefetchAhead = kRowChunk;
+
+// Prefetches elements [j0, j1) of row i's logits, past the row's end into row i + 1's.
+template <class S, class Tt>
+void prefetch_logits(const RowsArgs& g, int64_t i, int64_t end, int64_t j0, int64_t j1) {
+  const int64_t C = g.n_cols;
+  for (int64_t row = i; row < end && row <= i + 1 && j0 < j1; ++row, j0 -= C, j1 -= C) {
+    const int64_t a = j0 > 0 ? j0 : 0, b = j1 < C ? j1 : C;
+    const char* s = reinterpret_cast<const char*>(static_cast<const S*>(g.student) + row * g.student_row_stride);
+    const char* t = reinterpret_cast<const char*>(static_cast<const Tt*>(g.teacher) + row * g.teacher_row_stride);
+    for (int64_t x = a * int64_t(sizeof(S)); x < b * int64_t(sizeof(S)); x += 64) __builtin_prefetch(s + x);
+    for (int64_t x = a * int64_t(sizeof(Tt)); x < b * int64_t(sizeof(Tt)); x += 64) __builtin_prefetch(t + x);
+  }
+}
+
+// The shift of a chunk's exps: finite, so an all -inf chunk (masked vocabulary) has exps of 0.
+template <class A> A chunk_shift(A chunk_max) { return chunk_max == neg_inf<A>() ? A(0) : chunk_max; }
+
+// The row's normalizers as seen by one chunk's stashed exps.
+template <class A> RowNorm<A> chunk_norm(RowNorm<A> n, A r_a, A r_b, A r_s) {
+  n.inv_za *= r_a;
+  n.inv_zb *= r_b;
+  n.inv_zs *= r_s;
+  return n;
+}
+
+// exp(s - chunk max) at k: stashed (e_s), or e_a squared once or twice (T = 2, 4: exact).
+template <class A> A hard_exp_at(const A* e_a, const A* e_s, int64_t k, int squarings) {
+  const A ea2 = e_a[k] * e_a[k];
+  return squarings == 0 ? e_s[k] : squarings == 1 ? ea2 : ea2 * ea2;
+}
 
 template <class S, class Tt, class G, class A>
 int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch) {
   const Params& P = g.params;
   const int64_t C = g.n_cols;
+  const int64_t n_chunks = row_chunks(C);
   A* s_buf = scratch;
   A* t_buf = scratch + C;
-  A* e_a = scratch + 2 * C;  // exp(a - max a)
-  A* e_b = scratch + 3 * C;  // exp(b - max b); later the per-element log ratio
-  A* e_s_own = scratch + 4 * C;  // exp(s - max s), only when T != 1
+  A* e_a = scratch + 2 * C;  // exp(a - chunk max a)
+  A* e_b = scratch + 3 * C;  // exp(b - chunk max b); later the per-element log ratio
+  A* e_s_own = scratch + 4 * C;  // exp(s - chunk max s), only when T is not 1, 2 or 4
+  // Per chunk: maxima and sums from pass 2; the maxima's slots then hold the chunk's scales.
+  A* chunk_max_s = scratch + 5 * C;  // then r_a
+  A* chunk_max_t = chunk_max_s + n_chunks;  // then r_b
+  A* chunk_z_a = chunk_max_t + n_chunks;
+  A* chunk_z_b = chunk_z_a + n_chunks;
+  A* chunk_z_s = chunk_z_b + n_chunks;  // then r_s
+  A* chunk_cross = chunk_z_s + n_chunks;
   const A inv_t = static_cast<A>(P.inv_temperature);
   const A eps = static_cast<A>(P.smoothing);
   const A eps_over_c = eps / static_cast<A>(C);
   const A soft_g = static_cast<A>(P.soft_grad_coef);
   const A hard_g = static_cast<A>(P.hard_coef);
   const bool need_hard = P.hard_coef != 0.0;
+  const bool need_logit_sum = need_hard && eps != A(0);
   const bool separate_hard_exp = need_hard && !P.same_scale;
+  // softmax(s) from e_a (T == 1 or no hard term: a harmless stand-in), e_a squared, or its own
+  // exps.
+  const int squarings = separate_hard_exp ? P.hard_exp_squarings : 0;
+  const A* e_s = separate_hard_exp && squarings == 0 ? e_s_own : e_a;
   A* out_loss = static_cast<A*>(g.loss_rows);
 
   for (int64_t i = begin; i < end; ++i) {
@@ -124,169 +179,193 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     // Read before any gradient store: in-place mode writes the gradient over the student row.
     const A s_y = need_hard ? s[y] : A(0);
 
-    // Pass 1: maxima (and the logit sum label smoothing needs). No exps.
-    A max_s = neg_inf<A>(), max_t = neg_inf<A>(), sum_s = A(0);
-#pragma omp simd reduction(max : max_s, max_t)
-    for (int64_t k = 0; k < C; ++k) {
-      max_s = kd_max(max_s, s[k]);
-      max_t = kd_max(max_t, t[k]);
-    }
-    if (need_hard && eps != A(0)) {
+    // Pass 2, chunk by chunk: maxima, then exps stashed for pass 3, and the chunk's sums.
+    // 3 exps per element; 2 when the hard term reuses softmax(s/T) (T == 1), squares it
+    // (T == 2 or 4), or there is none. cross = sum_k e_b[k] (x_b[k] - x_a[k]) over the exps'
+    // arguments x = logit/T - max: log p_k - log q_k = x_b[k] - x_a[k] + log z_a - log z_b,
+    // so kl's soft loss is cross / z_b + log z_a - log z_b and kl needs no later pass over the
+    // logits. Relative to the maxima nothing large cancels (huge logits included). weighted: a
+    // -inf (masked) teacher entry adds 0.
+    A sum_s = A(0);  // the logit sum label smoothing needs
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t k0 = c * kRowChunk, k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+      A cm_s = neg_inf<A>(), cm_t = neg_inf<A>();
+#pragma omp simd reduction(max : cm_s, cm_t)
+      for (int64_t k = k0; k < k1; ++k) {
+        cm_s = kd_max(cm_s, s[k]);
+        cm_t = kd_max(cm_t, t[k]);
+      }
+      if (need_logit_sum) {
 #pragma omp simd reduction(+ : sum_s)
-      for (int64_t k = 0; k < C; ++k) sum_s += s[k];
-    }
-
-    // Pass 2: exps, stashed for pass 3, and their sums. 3 exps per element; 2 when the hard
-    // term reuses softmax(s/T) (T == 1), squares it (T == 2 or 4), or there is none.
-    const A max_a = max_s * inv_t, max_b = max_t * inv_t;
-    // cross = sum_k e_b[k] (x_b[k] - x_a[k]) over the exps' arguments x = logit/T - row max:
-    // log p_k - log q_k = x_b[k] - x_a[k] + log z_a - log z_b, so kl's soft loss is
-    // cross / z_b + log z_a - log z_b and kl needs no later pass over the logits. Relative to
-    // the row maxima nothing large cancels (huge logits included). weighted: a -inf (masked)
-    // teacher entry adds 0.
-    A z_a = A(0), z_b = A(0), z_s = A(0), cross = A(0);
-    const A* e_s = e_a;  // softmax(s) == softmax(s/T) when T == 1; a harmless dummy w/o hard term
-    // Processed in chunks, each followed by prefetches of the same chunk of the next row: the
-    // exps are compute-bound, so the next row's pass 1 then reads from cache, not DRAM.
-    const char* next_s = i + 1 < end ? reinterpret_cast<const char*>(
-        static_cast<const S*>(g.student) + (i + 1) * g.student_row_stride) : nullptr;
-    const char* next_t = i + 1 < end ? reinterpret_cast<const char*>(
-        static_cast<const Tt*>(g.teacher) + (i + 1) * g.teacher_row_stride) : nullptr;
-    for (int64_t k0 = 0; k0 < C; k0 += kPrefetchChunk) {
-      const int64_t k1 = k0 + kPrefetchChunk < C ? k0 + kPrefetchChunk : C;
-      if (separate_hard_exp && P.hard_exp_squarings > 0) {
-        const bool twice = P.hard_exp_squarings == 2;
+        for (int64_t k = k0; k < k1; ++k) sum_s += s[k];
+      }
+      const A sh_s = chunk_shift(cm_s);
+      const A sh_a = sh_s * inv_t, sh_b = chunk_shift(cm_t) * inv_t;
+      A z_a = A(0), z_b = A(0), z_s = A(0), cross = A(0);
+      for (int64_t kb = k0; kb < k1; kb += kPrefetchBlock) {
+        const int64_t kb1 = kb + kPrefetchBlock < k1 ? kb + kPrefetchBlock : k1;
+        if (squarings > 0) {
+          const bool twice = squarings == 2;
 #pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
-        for (int64_t k = k0; k < k1; ++k) {
-          const A xa = s[k] * inv_t - max_a, xb = t[k] * inv_t - max_b;
-          const A ea = exp_nonpos(xa);
-          const A eb = exp_nonpos(xb);
-          cross += weighted(eb, xb - xa);
-          const A ea2 = ea * ea;
-          const A es = twice ? ea2 * ea2 : ea2;
-          e_a[k] = ea;
-          e_b[k] = eb;
-          e_s_own[k] = es;
-          z_a += ea;
-          z_b += eb;
-          z_s += es;
-        }
-      } else if (separate_hard_exp) {
+          for (int64_t k = kb; k < kb1; ++k) {
+            const A xa = s[k] * inv_t - sh_a, xb = t[k] * inv_t - sh_b;
+            const A ea = exp_nonpos(xa);
+            const A eb = exp_nonpos(xb);
+            cross += weighted(eb, xb - xa);
+            const A ea2 = ea * ea;
+            e_a[k] = ea;
+            e_b[k] = eb;
+            z_a += ea;
+            z_b += eb;
+            z_s += twice ? ea2 * ea2 : ea2;
+          }
+        } else if (separate_hard_exp) {
 #pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
-        for (int64_t k = k0; k < k1; ++k) {
-          const A xa = s[k] * inv_t - max_a, xb = t[k] * inv_t - max_b;
-          const A ea = exp_nonpos(xa);
-          const A eb = exp_nonpos(xb);
-          cross += weighted(eb, xb - xa);
-          const A es = exp_nonpos(s[k] - max_s);
-          e_a[k] = ea;
-          e_b[k] = eb;
-          e_s_own[k] = es;
-          z_a += ea;
-          z_b += eb;
-          z_s += es;
-        }
-      } else {
+          for (int64_t k = kb; k < kb1; ++k) {
+            const A xa = s[k] * inv_t - sh_a, xb = t[k] * inv_t - sh_b;
+            const A ea = exp_nonpos(xa);
+            const A eb = exp_nonpos(xb);
+            cross += weighted(eb, xb - xa);
+            const A es = exp_nonpos(s[k] - sh_s);
+            e_a[k] = ea;
+            e_b[k] = eb;
+            e_s_own[k] = es;
+            z_a += ea;
+            z_b += eb;
+            z_s += es;
+          }
+        } else {
 #pragma omp simd reduction(+ : z_a, z_b, cross)
-        for (int64_t k = k0; k < k1; ++k) {
-          const A xa = s[k] * inv_t - max_a, xb = t[k] * inv_t - max_b;
-          const A ea = exp_nonpos(xa);
-          const A eb = exp_nonpos(xb);
-          cross += weighted(eb, xb - xa);
-          e_a[k] = ea;
-          e_b[k] = eb;
-          z_a += ea;
-          z_b += eb;
+          for (int64_t k = kb; k < kb1; ++k) {
+            const A xa = s[k] * inv_t - sh_a, xb = t[k] * inv_t - sh_b;
+            const A ea = exp_nonpos(xa);
+            const A eb = exp_nonpos(xb);
+            cross += weighted(eb, xb - xa);
+            e_a[k] = ea;
+            e_b[k] = eb;
+            z_a += ea;
+            z_b += eb;
+          }
         }
+        prefetch_logits<S, Tt>(g, i, end, kb + kPrefetchAhead, kb1 + kPrefetchAhead);
       }
-      if (next_s != nullptr) {
-        const int64_t ss = sizeof(S), st = sizeof(Tt);
-        for (int64_t b = k0 * ss; b < k1 * ss; b += 64) __builtin_prefetch(next_s + b);
-        for (int64_t b = k0 * st; b < k1 * st; b += 64) __builtin_prefetch(next_t + b);
-      }
+      if (!separate_hard_exp) z_s = z_a;
+      chunk_max_s[c] = cm_s;
+      chunk_max_t[c] = cm_t;
+      chunk_z_a[c] = z_a;
+      chunk_z_b[c] = z_b;
+      chunk_z_s[c] = z_s;
+      chunk_cross[c] = cross;
     }
-    if (separate_hard_exp) {
-      e_s = e_s_own;
-    } else {
-      z_s = z_a;
-    }
-    const RowNorm<A> n = row_norm(inv_t, max_s, max_t, z_a, z_b, z_s);
 
-    // Pass 3: kl's soft loss comes from pass 2's cross sum and its gradient is computed and
-    // streamed out chunk by chunk. reverse_kl and jsd need a row sum of pass 3 first: their
-    // gradient is built in e_a's slots (each read before it is overwritten) and written out
-    // at the end. Either way the gradient is stored after every read of the student row, which
-    // in-place mode overwrites, and float gradients are streamed past the cache.
+    // The row's maxima and sums from the chunks'. A chunk's exps relative to the row maxima
+    // are its stash times r = exp(d), d = chunk max/T - row max/T: 0 for an all -inf chunk,
+    // NaN when the whole row is -inf (as softmax of it is).
+    A max_s = neg_inf<A>(), max_t = neg_inf<A>();
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      max_s = kd_max(max_s, chunk_max_s[c]);
+      max_t = kd_max(max_t, chunk_max_t[c]);
+    }
+    const A max_a = max_s * inv_t, max_b = max_t * inv_t;
+    A z_a = A(0), z_b = A(0), z_s = A(0), cross = A(0);
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const A d_a = chunk_max_s[c] * inv_t - max_a, d_b = chunk_max_t[c] * inv_t - max_b;
+      const A r_a = exp_nonpos(d_a), r_b = exp_nonpos(d_b);
+      const A r_a2 = r_a * r_a;
+      const A r_s = squarings == 1 ? r_a2
+                  : squarings == 2 ? r_a2 * r_a2
+                  : separate_hard_exp ? exp_nonpos(chunk_max_s[c] - max_s) : r_a;
+      z_a += r_a * chunk_z_a[c];
+      z_b += r_b * chunk_z_b[c];
+      z_s += r_s * chunk_z_s[c];
+      // sum over the chunk of e_b r_b (x_b + d_b - x_a - d_a)
+      cross += weighted(r_b, chunk_cross[c]) + weighted(r_b * chunk_z_b[c], d_b - d_a);
+      chunk_max_s[c] = r_a;
+      chunk_max_t[c] = r_b;
+      chunk_z_s[c] = r_s;
+    }
+    const A* r_a = chunk_max_s;
+    const A* r_b = chunk_max_t;
+    const A* r_s = chunk_z_s;
+    const RowNorm<A> n = row_norm(inv_t, max_s, max_t, z_a, z_b, z_s);
+    const int64_t chunk_y = need_hard ? y / kRowChunk : -1;
+    const RowNorm<A> n_y = need_hard ? chunk_norm(n, r_a[chunk_y], r_b[chunk_y], r_s[chunk_y]) : n;
+
+    // Pass 3 (reverse_kl, jsd): their gradient needs a row sum over the logits first (kl's
+    // soft loss came from pass 2's cross sum). The per-element log ratio replaces e_b.
     const A ea_y = need_hard ? e_a[y] : A(0);
-    const A es_y = need_hard ? e_s[y] : A(0);
+    const A es_y = need_hard ? hard_exp_at(e_a, e_s, y, squarings) : A(0);
     A soft = A(0), grad_kl = A(0);
     if (P.kind == KIND_KL) {
       soft = cross * n.inv_zb + (kd_log(z_a) - kd_log(z_b));
-      if (grad_row) {
-        // One pass: each chunk of the gradient is computed into an L1 buffer (the label's
-        // element, rounded once, put in place) and streamed out.
-        A gy = A(0);
-        if (need_hard) {
-          gy = hard_g * (hard_grad(e_s[y], eps_over_c, n) - (A(1) - eps)) +
-               soft_g * soft_grad_kl(e_a[y], e_b[y], n);
-        }
-        alignas(64) A chunk[kPrefetchChunk];
-        for (int64_t k0 = 0; k0 < C; k0 += kPrefetchChunk) {
-          const int64_t k1 = k0 + kPrefetchChunk < C ? k0 + kPrefetchChunk : C;
-#pragma omp simd
-          for (int64_t k = k0; k < k1; ++k) {
-            chunk[k - k0] = soft_g * soft_grad_kl(e_a[k], e_b[k], n) + hard_g * hard_grad(e_s[k], eps_over_c, n);
-          }
-          if (need_hard && y >= k0 && y < k1) chunk[y - k0] = gy;
-          write_grad_row(grad_row + k0, chunk, k1 - k0);
-        }
-      }
     } else if (P.kind == KIND_REVERSE_KL) {
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t k0 = c * kRowChunk, k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+        const A inv_za = n.inv_za * r_a[c];
 #pragma omp simd reduction(+ : soft)
-      for (int64_t k = 0; k < C; ++k) {
-        const A log_q_over_p = -log_ratio_pq(s[k], t[k], n);
-        e_b[k] = log_q_over_p;
-        soft += weighted(e_a[k] * n.inv_za, log_q_over_p);
+        for (int64_t k = k0; k < k1; ++k) {
+          const A log_q_over_p = -log_ratio_pq(s[k], t[k], n);
+          e_b[k] = log_q_over_p;
+          soft += weighted(e_a[k] * inv_za, log_q_over_p);
+        }
       }
       grad_kl = soft;
     } else {  // jsd, in log space
       const A log_beta = static_cast<A>(P.log_beta), log1m_beta = static_cast<A>(P.log1m_beta);
       A kl_pm = A(0), kl_qm = A(0);
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t k0 = c * kRowChunk, k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+        const A inv_za = n.inv_za * r_a[c], inv_zb = n.inv_zb * r_b[c];
 #pragma omp simd reduction(+ : kl_pm, kl_qm)
-      for (int64_t k = 0; k < C; ++k) {
-        const A log_p = t[k] * inv_t - n.lse_b;
-        const A log_q = s[k] * inv_t - n.lse_a;
-        const A log_m = log_mixture(log_p, log_q, log_beta, log1m_beta);
-        kl_pm += weighted(e_b[k] * n.inv_zb, log_p - log_m);
-        kl_qm += weighted(e_a[k] * n.inv_za, log_q - log_m);
-        e_b[k] = log_q - log_m;
+        for (int64_t k = k0; k < k1; ++k) {
+          const A log_p = t[k] * inv_t - n.lse_b;
+          const A log_q = s[k] * inv_t - n.lse_a;
+          const A log_m = log_mixture(log_p, log_q, log_beta, log1m_beta);
+          kl_pm += weighted(e_b[k] * inv_zb, log_p - log_m);
+          kl_qm += weighted(e_a[k] * inv_za, log_q - log_m);
+          e_b[k] = log_q - log_m;
+        }
       }
       const A beta = static_cast<A>(P.beta);
       soft = beta * kl_pm + (A(1) - beta) * kl_qm;
       grad_kl = kl_qm;
     }
 
-    // Pass 4 (reverse_kl, jsd): the gradient needs the finished row sum of pass 3.
-    if (grad_row && P.kind != KIND_KL) {
+    // Pass 4: the gradient from the stashed exps only (so it is stored after every read of
+    // the student row, which in-place mode overwrites), chunk by chunk into an L1 buffer (the
+    // label's element, rounded once, put in place) and streamed out past the cache.
+    if (grad_row) {
       const A weight = P.kind == KIND_JSD ? A(1) - static_cast<A>(P.beta) : A(1);
+      const bool kl = P.kind == KIND_KL;
+      A grad_y = A(0);
+      if (need_hard) {
+        grad_y = hard_g * (hard_grad(es_y, eps_over_c, n_y) - (A(1) - eps)) +
+                 soft_g * (kl ? soft_grad_kl(ea_y, e_b[y], n_y)
+                              : soft_grad_mode_seeking(ea_y, e_b[y], grad_kl, weight, n_y));
+      }
+      alignas(64) A chunk[kRowChunk];
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t k0 = c * kRowChunk, k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+        const RowNorm<A> nc = chunk_norm(n, r_a[c], r_b[c], r_s[c]);
+        if (kl) {
 #pragma omp simd
-      for (int64_t k = 0; k < C; ++k) {
-        e_a[k] = soft_g * soft_grad_mode_seeking(e_a[k], e_b[k], grad_kl, weight, n) +
-                 hard_g * hard_grad(e_s[k], eps_over_c, n);
+          for (int64_t k = k0; k < k1; ++k) {
+            chunk[k - k0] = soft_g * soft_grad_kl(e_a[k], e_b[k], nc) +
+                            hard_g * hard_grad(hard_exp_at(e_a, e_s, k, squarings), eps_over_c, nc);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t k = k0; k < k1; ++k) {
+            chunk[k - k0] = soft_g * soft_grad_mode_seeking(e_a[k], e_b[k], grad_kl, weight, nc) +
+                            hard_g * hard_grad(hard_exp_at(e_a, e_s, k, squarings), eps_over_c, nc);
+          }
+        }
+        if (c == chunk_y) chunk[y - k0] = grad_y;
+        write_grad_row(grad_row + k0, chunk, k1 - k0);
       }
     }
 
-    A hard = A(0);
-    if (need_hard) {
-      hard = hard_loss(s_y, sum_s, C, eps, n);
-      if (grad_row && P.kind != KIND_KL) {
-        // Recompute the label's element in full precision so it is rounded once.
-        const A weight = P.kind == KIND_JSD ? A(1) - static_cast<A>(P.beta) : A(1);
-        e_a[y] = hard_g * (hard_grad(es_y, eps_over_c, n) - (A(1) - eps)) +
-                 soft_g * soft_grad_mode_seeking(ea_y, e_b[y], grad_kl, weight, n);
-      }
-    }
-    if (grad_row && P.kind != KIND_KL) write_grad_row(grad_row, e_a, C);
+    const A hard = need_hard ? hard_loss(s_y, sum_s, C, eps, n) : A(0);
     out_loss[i] = row_loss(soft, hard, P);
   }
   stream_fence();

@@ -35,9 +35,16 @@ constexpr int kLanes = 16;
 // remainders and per-row setup; from 64 on they win (benchmarks/NOTES.md, entry 4).
 constexpr int64_t kLanesMaxCols = 63;
 
-// Elements of scratch (of the accumulation type) one thread needs for rows of n_cols.
+// Elements per chunk of the row loops: a chunk of student and teacher logits stays in L1
+// between its maxima and its exps, and its gradient is buffered in L1 before being streamed.
+constexpr int64_t kRowChunk = 1024;
+inline int64_t row_chunks(int64_t n_cols) { return (n_cols + kRowChunk - 1) / kRowChunk; }
+
+// Elements of scratch (of the accumulation type) one thread needs for rows of n_cols: 5 rows
+// plus 6 values per chunk for the row loops, 5 rows per lane for the lane loops.
 inline int64_t scratch_elems(int64_t n_cols, int64_t lanes_max_cols) {
-  return 5 * n_cols * (n_cols <= lanes_max_cols ? kLanes : 1);
+  if (n_cols <= lanes_max_cols) return 5 * n_cols * kLanes;
+  return 5 * n_cols + 6 * row_chunks(n_cols);
 }
 
 // Processes rows [begin, end). Returns -1 on success, the index of the first row whose target
