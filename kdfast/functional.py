@@ -9,6 +9,9 @@ from kdfast._checks import check_distillation_args
 from kdfast._ext import HAS_EXTENSION
 from kdfast.ops import once_differentiable_output, scale_rows_in_place
 
+if HAS_EXTENSION:
+    from kdfast.ops import EagerDistillFunction, is_eager
+
 __all__ = ["distillation_loss", "DistillationLossFunction"]
 
 
@@ -97,7 +100,10 @@ def distillation_loss(
         loss_rows = DistillationLossFunction.apply(student, *args, average)
     else:
         compute_grad = student.requires_grad and torch.is_grad_enabled()
-        loss_rows, _ = torch.ops.kdfast.distill_fwd(student, *args, compute_grad, average)
+        if compute_grad and is_eager(student):
+            loss_rows = EagerDistillFunction.apply(student, *args, average)
+        else:
+            loss_rows, _ = torch.ops.kdfast.distill_fwd(student, *args, compute_grad, average)
     if reduction == "none":
         return loss_rows.reshape(batch_shape)
     return loss_rows.sum()

@@ -24,6 +24,9 @@ at all when every row's scale is 1) and returns that buffer, which autograd adop
 ``.grad`` without a copy: no second N x C buffer. A later backward through the same graph
 (retain_graph=True) recomputes ``grad`` from the saved inputs. Under torch.compile the product
 goes to a fresh buffer (``torch.ops.kdfast.scale_rows``), as functional graphs require.
+In eager mode kdfast.distillation_loss calls the kernel through ``EagerDistillFunction``
+(the same semantics without torch.library's per-call Python autograd layers); the registered
+autograd serves torch.compile and direct callers of the op.
 
 ``torch.ops.kdfast.distill_fwd_inplace(student, ...) -> loss_rows`` writes ``grad`` into
 ``student`` instead (float32/bfloat16/float64 students only); see kdfast.functional.
@@ -103,9 +106,31 @@ if HAS_EXTENSION:
     def _scale_rows_fake(grad, row_scale, dtype):
         return grad.new_empty(grad.shape, dtype=dtype)
 
-    def _is_eager(t: torch.Tensor) -> bool:
+    def is_eager(t: torch.Tensor) -> bool:
         # A plain tensor outside torch.compile's tracing: its buffer may be handed to autograd.
         return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+    def _keep_for_eager_backward(ctx, student, teacher, target, op_args, grad):
+        # The first backward scales the buffer in place and hands it to autograd (which adopts
+        # it as .grad: no second N x C buffer, no second pass when the scale is 1). A later
+        # backward (retain_graph=True) recomputes from the inputs, which autograd checks were
+        # not modified in place. op_args: temperature .. scale_by_t2, average_rows.
+        ctx.student_dtype = student.dtype
+        ctx.grad_buffer = grad
+        ctx.save_for_backward(student, teacher, target)
+        ctx.op_args = op_args
+
+    def _eager_grad(ctx, grad_loss_rows):
+        grad, ctx.grad_buffer = ctx.grad_buffer, None
+        if grad is None:
+            student, teacher, target = ctx.saved_tensors
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                _, grad = torch.ops.kdfast.distill_fwd.default(
+                    student.detach(), teacher, target, *ctx.op_args[:-1], True, ctx.op_args[-1]
+                )
+        d_student = scale_rows_in_place(grad, grad_loss_rows, ctx.student_dtype)
+        del grad  # autograd adopts d_student as .grad only if it holds the last reference
+        return d_student
 
     def _setup_context(ctx, inputs, output):
         student, teacher, target = inputs[:3]
@@ -116,15 +141,10 @@ if HAS_EXTENSION:
         # and autograd must not materialize an N x C zero tensor as its incoming gradient.
         ctx.mark_non_differentiable(grad)
         ctx.set_materialize_grads(False)
-        ctx.eager = _is_eager(grad)
+        ctx.eager = is_eager(grad)
         if ctx.eager:
-            # The first backward scales the buffer in place and hands it to autograd (which
-            # adopts it as .grad: no second N x C buffer, no second pass when the scale is 1).
-            # A later backward (retain_graph=True) recomputes from the inputs, which autograd
-            # checks were not modified in place.
-            ctx.grad_buffer = grad
-            ctx.save_for_backward(student, teacher, target)
-            ctx.op_args = inputs[3:]
+            average = inputs[11] if len(inputs) > 11 else False
+            _keep_for_eager_backward(ctx, student, teacher, target, (*inputs[3:10], average), grad)
         else:
             ctx.save_for_backward(grad)
 
@@ -137,19 +157,39 @@ if HAS_EXTENSION:
                 "or grad mode was off), so there is no gradient to return"
             )
         with torch.no_grad():
-            if not ctx.eager:
+            if ctx.eager:
+                d_student = _eager_grad(ctx, grad_loss_rows)
+            else:
                 (grad,) = ctx.saved_tensors
                 d_student = torch.ops.kdfast.scale_rows(grad, grad_loss_rows, ctx.student_dtype)
-            else:
-                grad, ctx.grad_buffer = ctx.grad_buffer, None
-                if grad is None:
-                    student, teacher, target = ctx.saved_tensors
-                    _, grad = torch.ops.kdfast.distill_fwd(
-                        student.detach(), teacher, target, *ctx.op_args[:7], True, *ctx.op_args[8:]
-                    )
-                d_student = scale_rows_in_place(grad, grad_loss_rows, ctx.student_dtype)
-                del grad  # autograd adopts d_student as .grad only if it holds the last reference
+        # Outside no_grad: with create_graph=True the result must carry the error node.
         return (once_differentiable_output(d_student),) + (None,) * 11
+
+    class EagerDistillFunction(torch.autograd.Function):
+        """``distill_fwd`` with its gradient, for plain tensors outside torch.compile.
+
+        Same results and buffer hand-over as the op's registered autograd, without the Python
+        layers torch.library puts around every call of an op with a Python autograd kernel
+        (about 150 us per forward+backward on this project's CPU machine, most of a small
+        batch's step). ``apply(student, teacher, target, temperature, alpha, kind, beta,
+        ignore_index, label_smoothing, scale_by_t2, average_rows) -> loss_rows``.
+        """
+
+        @staticmethod
+        def forward(ctx, student, teacher, target, *op_args):
+            # Straight to the backend kernel: this Function is the autograd.
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                loss_rows, grad = torch.ops.kdfast.distill_fwd.default(
+                    student, teacher, target, *op_args[:-1], True, op_args[-1]
+                )
+            _keep_for_eager_backward(ctx, student, teacher, target, op_args, grad)
+            return loss_rows
+
+        @staticmethod
+        def backward(ctx, grad_loss_rows):
+            with torch.no_grad():
+                d_student = _eager_grad(ctx, grad_loss_rows)
+            return (once_differentiable_output(d_student),) + (None,) * 10
 
     torch.library.register_autograd(
         "kdfast::distill_fwd", _backward, setup_context=_setup_context
