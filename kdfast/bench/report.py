@@ -1,6 +1,7 @@
 """Runs the benchmark grid and writes CSV, a Markdown table and a plot.
 
-Timing: providers are interleaved repeat by repeat (so drift hits all alike), warm-up steps
+Timing: providers are interleaved repeat by repeat in rotating order, with a short probe of
+the exp rate after each repeat (so drift hits all alike), warm-up steps
 (and torch.compile's compilation) are excluded, inputs are random normals, and each cell
 reports the median and the 20/80 % quantiles. Peak extra memory is the resident-set
 high-water mark of one step above the resident set before it, reset between providers through
@@ -126,8 +127,10 @@ def run_case(case: Case, repeats: int, warmup: int = 2) -> None:
         for _ in range(warmup):
             steps[p](*inputs)
         case.times[p] = []
-    for _ in range(repeats):
-        for p in PROVIDERS:
+    for r in range(repeats):
+        # Rotating order: whatever one step leaves behind (caches, a throttled or re-clocked
+        # core after the exp probe) falls on every provider alike.
+        for p in PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[: r % len(PROVIDERS)]:
             start = time.perf_counter()
             steps[p](*inputs)
             case.times[p].append(time.perf_counter() - start)
