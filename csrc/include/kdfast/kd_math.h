@@ -103,10 +103,14 @@ KD_HD uint32_t float_to_bits(float f) {
 // reduction, about 1 ulp; results below 2^-126 flush to 0 (they are < 1e-38 of the row's
 // largest term). Plain arithmetic, so GCC vectorizes it at 2-3x libmvec's expf throughput,
 // and -inf -> 0, NaN -> NaN hold without -ffast-math.
+// t = 1.5 * 2^23 + round(x / ln2) holds the rounded exponent k in its low mantissa bits, so
+// 2^k is t's bits shifted into the exponent field plus the bias: two integer operations, no
+// float-to-int conversion, no clamp (below -87, -inf included, the bits are garbage and the
+// final select returns 0; NaN reaches the result through r).
 KD_HD float exp_nonpos(float x) {
-  const float clamped = x < -104.0f ? -104.0f : x;                        // keeps NaN
-  const float k = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
-  const float r = (clamped - k * 0.693359375f) + k * 2.12194440e-4f;     // x - k*ln2, two parts
+  const float t = x * 1.44269504088896341f + 12582912.0f;
+  const float k = t - 12582912.0f;                                   // round(x/ln2)
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;       // x - k*ln2, two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -114,9 +118,8 @@ KD_HD float exp_nonpos(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const int32_t biased = static_cast<int32_t>(k) + 127;
-  const float scale = bits_to_float(static_cast<uint32_t>(biased > 0 ? biased : 1) << 23);
-  return clamped < -87.0f ? 0.0f : p * scale;
+  const float scale = bits_to_float((float_to_bits(t) << 23) + (127u << 23));
+  return x < -87.0f ? 0.0f : p * scale;
 }
 KD_HD double exp_nonpos(double x) { return exp(x); }
 
