@@ -109,6 +109,11 @@ void prefetch_logits(const RowsArgs& g, int64_t i, int64_t end, int64_t j0, int6
   }
 }
 
+// One past the last element of chunk c of a row of n_cols.
+inline int64_t chunk_end(int64_t c, int64_t n_cols) {
+  return (c + 1) * kRowChunk < n_cols ? (c + 1) * kRowChunk : n_cols;
+}
+
 // The shift of a chunk's exps: finite, so an all -inf chunk (masked vocabulary) has exps of 0.
 template <class A> A chunk_shift(A chunk_max) { return chunk_max == neg_inf<A>() ? A(0) : chunk_max; }
 
@@ -188,7 +193,7 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     // -inf (masked) teacher entry adds 0.
     A sum_s = A(0);  // the logit sum label smoothing needs
     for (int64_t c = 0; c < n_chunks; ++c) {
-      const int64_t k0 = c * kRowChunk, k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+      const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
       A cm_s = neg_inf<A>(), cm_t = neg_inf<A>();
 #pragma omp simd reduction(max : cm_s, cm_t)
       for (int64_t k = k0; k < k1; ++k) {
@@ -300,7 +305,7 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
       soft = cross * n.inv_zb + (kd_log(z_a) - kd_log(z_b));
     } else if (P.kind == KIND_REVERSE_KL) {
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t k0 = c * kRowChunk, k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+        const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
         const A inv_za = n.inv_za * r_a[c];
 #pragma omp simd reduction(+ : soft)
         for (int64_t k = k0; k < k1; ++k) {
@@ -314,7 +319,7 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
       const A log_beta = static_cast<A>(P.log_beta), log1m_beta = static_cast<A>(P.log1m_beta);
       A kl_pm = A(0), kl_qm = A(0);
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t k0 = c * kRowChunk, k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+        const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
         const A inv_za = n.inv_za * r_a[c], inv_zb = n.inv_zb * r_b[c];
 #pragma omp simd reduction(+ : kl_pm, kl_qm)
         for (int64_t k = k0; k < k1; ++k) {
@@ -345,7 +350,7 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
       }
       alignas(64) A chunk[kRowChunk];
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t k0 = c * kRowChunk, k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+        const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
         const RowNorm<A> nc = chunk_norm(n, r_a[c], r_b[c], r_s[c]);
         if (kl) {
 #pragma omp simd
