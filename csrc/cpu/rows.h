@@ -90,22 +90,30 @@ inline void stream_fence() {}
 
 // The exps are compute-bound and wait on memory whenever a chunk's first read misses (the
 // hardware prefetcher stops at each 4 KiB page: a chunk of floats). So each block of
-// kPrefetchBlock exps is followed by prefetches of the logits kPrefetchAhead elements on, the
-// next chunk (into the next row at the row's end): small bursts, spread over the compute
-// (NOTES.md, entry 9).
+// kPrefetchBlock exps is followed by prefetches of the logits a little further on (into the
+// next row at the row's end): small bursts, spread over the compute. Rows of several chunks
+// prefetch 1.5 chunks ahead with a low locality hint (prefetcht2: 7 % faster than prefetcht0
+// at (1024, 32000) here); one-chunk rows prefetch the next row one chunk ahead into L1, which
+// was 8 % faster there (NOTES.md, entry 13).
 constexpr int64_t kPrefetchBlock = 256;
-constexpr int64_t kPrefetchAhead = kRowChunk;
+constexpr int64_t kPrefetchAheadLong = kRowChunk + kRowChunk / 2;
+constexpr int64_t kPrefetchAheadShort = kRowChunk;
 
-// Prefetches elements [j0, j1) of row i's logits, past the row's end into row i + 1's.
-template <class S, class Tt>
-void prefetch_logits(const RowsArgs& g, int64_t i, int64_t end, int64_t j0, int64_t j1) {
+// Prefetches elements [j0, j1) of row i's logits, past the row's end into row i + 1's, with
+// __builtin_prefetch's locality hint. always_inline: as a function of its own, GCC's
+// pure-const analysis finds no side effect in it and deletes every call (the shipped kernel
+// ran without a single prefetch until NOTES.md entry 13; tests/test_build_prefetch.py checks
+// the binary).
+template <class S, class Tt, int Locality>
+__attribute__((always_inline)) inline void prefetch_logits(const RowsArgs& g, int64_t i, int64_t end, int64_t j0,
+                                                           int64_t j1) {
   const int64_t C = g.n_cols;
   for (int64_t row = i; row < end && row <= i + 1 && j0 < j1; ++row, j0 -= C, j1 -= C) {
     const int64_t a = j0 > 0 ? j0 : 0, b = j1 < C ? j1 : C;
     const char* s = reinterpret_cast<const char*>(static_cast<const S*>(g.student) + row * g.student_row_stride);
     const char* t = reinterpret_cast<const char*>(static_cast<const Tt*>(g.teacher) + row * g.teacher_row_stride);
-    for (int64_t x = a * int64_t(sizeof(S)); x < b * int64_t(sizeof(S)); x += 64) __builtin_prefetch(s + x);
-    for (int64_t x = a * int64_t(sizeof(Tt)); x < b * int64_t(sizeof(Tt)); x += 64) __builtin_prefetch(t + x);
+    for (int64_t x = a * int64_t(sizeof(S)); x < b * int64_t(sizeof(S)); x += 64) __builtin_prefetch(s + x, 0, Locality);
+    for (int64_t x = a * int64_t(sizeof(Tt)); x < b * int64_t(sizeof(Tt)); x += 64) __builtin_prefetch(t + x, 0, Locality);
   }
 }
 
@@ -252,7 +260,11 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
             z_b += eb;
           }
         }
-        prefetch_logits<S, Tt>(g, i, end, kb + kPrefetchAhead, kb1 + kPrefetchAhead);
+        if (n_chunks > 1) {
+          prefetch_logits<S, Tt, 1>(g, i, end, kb + kPrefetchAheadLong, kb1 + kPrefetchAheadLong);
+        } else {
+          prefetch_logits<S, Tt, 3>(g, i, end, kb + kPrefetchAheadShort, kb1 + kPrefetchAheadShort);
+        }
       }
       if (!separate_hard_exp) z_s = z_a;
       chunk_max_s[c] = cm_s;
