@@ -33,16 +33,21 @@ template <class A> KD_HD A widen(double v) { return static_cast<A>(v); }
 template <class A> KD_HD A widen(bf16_bits v) { return to_acc_float(v); }
 template <class A> KD_HD A widen(f16_bits v) { return to_acc_float(v); }
 
-// Rows already in the accumulation type are read in place; others are widened once into
-// scratch so the later passes read one format.
+// Rows already in the accumulation type are read in place; others are widened into scratch,
+// chunk by chunk as pass 2 reaches them (so the widening reads are the prefetched ones and
+// the widened chunk is still in L1 for the maxima and exps), and the later passes read one
+// format.
 template <class A, class S>
-const A* row_as_acc(const S* src, A* buf, int64_t n) {
+const A* acc_row(const S*, A* buf) { return buf; }
+template <class A>
+const A* acc_row(const A* src, A*) { return src; }
+template <class A, class S>
+void widen_chunk(const S* src, A* buf, int64_t k0, int64_t k1) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) buf[k] = widen<A>(src[k]);
-  return buf;
+  for (int64_t k = k0; k < k1; ++k) buf[k] = widen<A>(src[k]);
 }
 template <class A>
-const A* row_as_acc(const A* src, A*, int64_t) { return src; }
+void widen_chunk(const A*, A*, int64_t, int64_t) {}
 
 // Writes a finished gradient row. float rows bypass the cache (non-temporal stores): the
 // gradient is not read again while the rows run, and an ordinary store would first read
@@ -187,10 +192,12 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
         return i;
       }
     }
-    const A* s = row_as_acc(static_cast<const S*>(g.student) + i * g.student_row_stride, s_buf, C);
-    const A* t = row_as_acc(static_cast<const Tt*>(g.teacher) + i * g.teacher_row_stride, t_buf, C);
+    const S* s_src = static_cast<const S*>(g.student) + i * g.student_row_stride;
+    const Tt* t_src = static_cast<const Tt*>(g.teacher) + i * g.teacher_row_stride;
+    const A* s = acc_row(s_src, s_buf);
+    const A* t = acc_row(t_src, t_buf);
     // Read before any gradient store: in-place mode writes the gradient over the student row.
-    const A s_y = need_hard ? s[y] : A(0);
+    const A s_y = need_hard ? widen<A>(s_src[y]) : A(0);
 
     // Pass 2, chunk by chunk: maxima, then exps stashed for pass 3, and the chunk's sums.
     // 3 exps per element; 2 when the hard term reuses softmax(s/T) (T == 1), squares it
@@ -202,6 +209,8 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     A sum_s = A(0);  // the logit sum label smoothing needs
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
+      widen_chunk(s_src, s_buf, k0, k1);
+      widen_chunk(t_src, t_buf, k0, k1);
       A cm_s = neg_inf<A>(), cm_t = neg_inf<A>();
 #pragma omp simd reduction(max : cm_s, cm_t)
       for (int64_t k = k0; k < k1; ++k) {
