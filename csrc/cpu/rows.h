@@ -33,21 +33,23 @@ template <class A> KD_HD A widen(double v) { return static_cast<A>(v); }
 template <class A> KD_HD A widen(bf16_bits v) { return to_acc_float(v); }
 template <class A> KD_HD A widen(f16_bits v) { return to_acc_float(v); }
 
-// Rows already in the accumulation type are read in place; others are widened into scratch,
-// chunk by chunk as pass 2 reaches them (so the widening reads are the prefetched ones and
-// the widened chunk is still in L1 for the maxima and exps), and the later passes read one
-// format.
+// Rows already in the accumulation type are read in place; others are widened into scratch
+// chunk by chunk as pass 2 reaches them (the prefetched reads; the widened chunk stays in L1
+// for the maxima and exps): into the row's own slots when pass 3 reads the whole row again,
+// else into one reused chunk (kl: no row-sized buffer streams through L2).
 template <class A, class S>
 const A* acc_row(const S*, A* buf) { return buf; }
 template <class A>
 const A* acc_row(const A* src, A*) { return src; }
+// Elements [k0, k1) of the row in the accumulation type, at the returned pointer.
 template <class A, class S>
-void widen_chunk(const S* src, A* buf, int64_t k0, int64_t k1) {
+const A* chunk_as_acc(const S* src, A* buf, int64_t k0, int64_t k1) {
 #pragma omp simd
-  for (int64_t k = k0; k < k1; ++k) buf[k] = widen<A>(src[k]);
+  for (int64_t k = k0; k < k1; ++k) buf[k - k0] = widen<A>(src[k]);
+  return buf;
 }
 template <class A>
-void widen_chunk(const A*, A*, int64_t, int64_t) {}
+const A* chunk_as_acc(const A* src, A*, int64_t k0, int64_t) { return src + k0; }
 
 // Writes a finished gradient row. float rows bypass the cache (non-temporal stores): the
 // gradient is not read again while the rows run, and an ordinary store would first read
@@ -209,17 +211,18 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     A sum_s = A(0);  // the logit sum label smoothing needs
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
-      widen_chunk(s_src, s_buf, k0, k1);
-      widen_chunk(t_src, t_buf, k0, k1);
+      const int64_t slot = P.kind == KIND_KL ? 0 : k0;
+      const A* sc = chunk_as_acc(s_src, s_buf + slot, k0, k1);
+      const A* tc = chunk_as_acc(t_src, t_buf + slot, k0, k1);
       A cm_s = neg_inf<A>(), cm_t = neg_inf<A>();
 #pragma omp simd reduction(max : cm_s, cm_t)
       for (int64_t k = k0; k < k1; ++k) {
-        cm_s = kd_max(cm_s, s[k]);
-        cm_t = kd_max(cm_t, t[k]);
+        cm_s = kd_max(cm_s, sc[k - k0]);
+        cm_t = kd_max(cm_t, tc[k - k0]);
       }
       if (need_logit_sum) {
 #pragma omp simd reduction(+ : sum_s)
-        for (int64_t k = k0; k < k1; ++k) sum_s += s[k];
+        for (int64_t k = k0; k < k1; ++k) sum_s += sc[k - k0];
       }
       const A sh_s = chunk_shift(cm_s);
       const A sh_a = sh_s * inv_t, sh_b = chunk_shift(cm_t) * inv_t;
@@ -230,7 +233,7 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
           const bool twice = squarings == 2;
 #pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
           for (int64_t k = kb; k < kb1; ++k) {
-            const A xa = s[k] * inv_t - sh_a, xb = t[k] * inv_t - sh_b;
+            const A xa = sc[k - k0] * inv_t - sh_a, xb = tc[k - k0] * inv_t - sh_b;
             const A ea = exp_nonpos(xa);
             const A eb = exp_nonpos(xb);
             cross += weighted(eb, xb - xa);
@@ -244,11 +247,11 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
         } else if (separate_hard_exp) {
 #pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
           for (int64_t k = kb; k < kb1; ++k) {
-            const A xa = s[k] * inv_t - sh_a, xb = t[k] * inv_t - sh_b;
+            const A xa = sc[k - k0] * inv_t - sh_a, xb = tc[k - k0] * inv_t - sh_b;
             const A ea = exp_nonpos(xa);
             const A eb = exp_nonpos(xb);
             cross += weighted(eb, xb - xa);
-            const A es = exp_nonpos(s[k] - sh_s);
+            const A es = exp_nonpos(sc[k - k0] - sh_s);
             e_a[k] = ea;
             e_b[k] = eb;
             e_s_own[k] = es;
@@ -259,7 +262,7 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
         } else {
 #pragma omp simd reduction(+ : z_a, z_b, cross)
           for (int64_t k = kb; k < kb1; ++k) {
-            const A xa = s[k] * inv_t - sh_a, xb = t[k] * inv_t - sh_b;
+            const A xa = sc[k - k0] * inv_t - sh_a, xb = tc[k - k0] * inv_t - sh_b;
             const A ea = exp_nonpos(xa);
             const A eb = exp_nonpos(xb);
             cross += weighted(eb, xb - xa);
