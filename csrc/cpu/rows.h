@@ -146,7 +146,10 @@ template <class A> A hard_exp_at(const A* e_a, const A* e_s, int64_t k, int squa
   return squarings == 0 ? e_s[k] : squarings == 1 ? ea2 : ea2 * ea2;
 }
 
-template <class S, class Tt, class G, class A>
+// Squarings: 1 or 2 when exp(s - max s) is e_a squared once or twice (T = 2 or 4), else 0.
+// A template parameter, so the exp loops and the gradient loop carry no run-time select of it
+// (-3 to -14 % per row, NOTES.md entry 14); run_rows_for dispatches on the call's value.
+template <class S, class Tt, class G, class A, int Squarings>
 int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch) {
   const Params& P = g.params;
   const int64_t C = g.n_cols;
@@ -173,7 +176,7 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
   const bool separate_hard_exp = need_hard && !P.same_scale;
   // softmax(s) from e_a (T == 1 or no hard term: a harmless stand-in), e_a squared, or its own
   // exps.
-  const int squarings = separate_hard_exp ? P.hard_exp_squarings : 0;
+  constexpr int squarings = Squarings;
   const A* e_s = separate_hard_exp && squarings == 0 ? e_s_own : e_a;
   A* out_loss = static_cast<A*>(g.loss_rows);
 
@@ -401,6 +404,17 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
   return -1;
 }
 
+template <class S, class Tt, class G, class A>
+int64_t run_rows_for(const RowsArgs& g, int64_t begin, int64_t end, A* scratch) {
+  const Params& P = g.params;
+  const bool separate_hard_exp = P.hard_coef != 0.0 && !P.same_scale;
+  switch (separate_hard_exp ? P.hard_exp_squarings : 0) {
+    case 1: return run_rows_typed<S, Tt, G, A, 1>(g, begin, end, scratch);
+    case 2: return run_rows_typed<S, Tt, G, A, 2>(g, begin, end, scratch);
+    default: return run_rows_typed<S, Tt, G, A, 0>(g, begin, end, scratch);
+  }
+}
+
 }  // namespace
 }  // namespace KDFAST_ISA
 }  // namespace cpu
@@ -436,7 +450,7 @@ int64_t run_rows(const RowsArgs& g, int64_t begin, int64_t end, void* scratch) {
 #define KD_CASE(SD, TD, S, T, G)                                   \
   if (g.student_dtype == SD && g.teacher_dtype == TD)              \
     return lanes ? run_rows_lanes<S, T, G>(g, begin, end, sf)      \
-                 : run_rows_typed<S, T, G, F>(g, begin, end, sf);
+                 : run_rows_for<S, T, G, F>(g, begin, end, sf);
   KD_CASE(DT_F32, DT_F32, F, F, F)
   KD_CASE(DT_F32, DT_BF16, F, B, F)
   KD_CASE(DT_F32, DT_F16, F, H, F)
@@ -448,7 +462,7 @@ int64_t run_rows(const RowsArgs& g, int64_t begin, int64_t end, void* scratch) {
   KD_CASE(DT_F16, DT_F16, H, H, F)
 #undef KD_CASE
   if (g.student_dtype == DT_F64 && g.teacher_dtype == DT_F64)
-    return run_rows_typed<double, double, double, double>(g, begin, end, static_cast<double*>(scratch));
+    return run_rows_for<double, double, double, double>(g, begin, end, static_cast<double*>(scratch));
   return -2;
 }
 
