@@ -10,6 +10,8 @@
 #include "kdfast/cpu_rows_api.h"
 #include "kdfast/kd_math.h"
 
+#include <cstring>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -51,9 +53,10 @@ const A* chunk_as_acc(const S* src, A* buf, int64_t k0, int64_t k1) {
 template <class A>
 const A* chunk_as_acc(const A* src, A*, int64_t k0, int64_t) { return src + k0; }
 
-// Writes a finished gradient row. float rows bypass the cache (non-temporal stores): the
-// gradient is not read again while the rows run, and an ordinary store would first read
-// every line of it from DRAM (write-allocate), a third of the row loops' memory traffic.
+// Writes a finished gradient chunk (at most kRowChunk elements). float and bfloat16 rows
+// bypass the cache (non-temporal stores): the gradient is not read again while the rows run,
+// and an ordinary store would first read every line of it from DRAM (write-allocate), a third
+// of the row loops' memory traffic for float rows.
 template <class G, class A>
 void write_grad_row(G* dst, const A* src, int64_t n) {
 #pragma omp simd
@@ -61,26 +64,40 @@ void write_grad_row(G* dst, const A* src, int64_t n) {
 }
 
 #if defined(__x86_64__)
-void write_grad_row(float* dst, const float* src, int64_t n) {
+// Copies n bytes with non-temporal stores for the vector-aligned part of dst.
+inline void stream_bytes(void* dst, const void* src, int64_t n) {
 #if defined(__AVX512F__)
-  constexpr int64_t kWidth = 16;
+  constexpr int64_t kWidth = 64;
 #elif defined(__AVX__)
-  constexpr int64_t kWidth = 8;
+  constexpr int64_t kWidth = 32;
 #else
-  constexpr int64_t kWidth = 4;
+  constexpr int64_t kWidth = 16;
 #endif
-  int64_t k = 0;
-  for (; k < n && (reinterpret_cast<uintptr_t>(dst + k) % (kWidth * sizeof(float))) != 0; ++k) dst[k] = src[k];
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  int64_t head = static_cast<int64_t>((kWidth - reinterpret_cast<uintptr_t>(d) % kWidth) % kWidth);
+  if (head > n) head = n;
+  std::memcpy(d, s, static_cast<size_t>(head));
+  int64_t k = head;
   for (; k + kWidth <= n; k += kWidth) {
 #if defined(__AVX512F__)
-    _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + k), _mm512_loadu_si512(s + k));
 #elif defined(__AVX__)
-    _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + k), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)));
 #else
-    _mm_stream_ps(dst + k, _mm_loadu_ps(src + k));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + k), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k)));
 #endif
   }
-  for (; k < n; ++k) dst[k] = src[k];
+  std::memcpy(d + k, s + k, static_cast<size_t>(n - k));
+}
+void write_grad_row(float* dst, const float* src, int64_t n) {
+  stream_bytes(dst, src, n * int64_t(sizeof(float)));
+}
+void write_grad_row(bf16_bits* dst, const float* src, int64_t n) {
+  alignas(64) bf16_bits rounded[kRowChunk];
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) store_from_acc(rounded + k, src[k]);
+  stream_bytes(dst, rounded, n * int64_t(sizeof(bf16_bits)));
 }
 // Non-temporal stores are weakly ordered: fence them before the rows are handed back.
 inline void stream_fence() { _mm_sfence(); }
