@@ -98,18 +98,36 @@ at::Tensor run(const PreparedInputs& in, const at::Tensor& grad, bool average_ro
   const RunRows fn = rows_fn(selected_isa());
   const size_t elem = in.student.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
   const int64_t scratch_bytes = scratch_elems(in.n_cols, args.lanes_max_cols) * static_cast<int64_t>(elem);
-  // Enough rows per task that thread hand-off stays small next to the row work (MNIST's
-  // C = 10 rows take nanoseconds each).
-  const int64_t grain = std::max<int64_t>(1, 32768 / in.n_cols);
+  // Rows are handed out in blocks from a shared counter, not split into one fixed range per
+  // thread: on a shared host one core is often slower for a while, and a static split waits
+  // for it (NOTES.md, entry 15). Threads are used when each gets at least 32 K elements
+  // (MNIST's C = 10 rows take nanoseconds each); blocks are ~1/8 of a thread's rows, at most
+  // 256 K elements (an imbalance of under a millisecond at the end), whole lane groups for
+  // the lane loops.
+  const int64_t C = in.n_cols;
+  const int64_t min_rows = std::max<int64_t>(1, 32768 / C);
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (in.n_rows + min_rows - 1) / min_rows));
+  int64_t block_rows = std::min<int64_t>((in.n_rows + 8 * workers - 1) / (8 * workers),
+                                         std::max<int64_t>(1, (int64_t(1) << 18) / C));
+  block_rows = std::max<int64_t>(1, block_rows);
+  if (C <= args.lanes_max_cols) block_rows = (block_rows + kLanes - 1) / kLanes * kLanes;
+  const int64_t n_blocks = (in.n_rows + block_rows - 1) / block_rows;
+  std::atomic<int64_t> next_block{0};
   std::atomic<int64_t> first_bad{in.n_rows};
   std::atomic<int> unsupported{0};
-  at::parallel_for(0, in.n_rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<char> scratch(static_cast<size_t>(scratch_bytes) + 64);
     void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
-    const int64_t bad = fn(args, begin, end, aligned);
-    if (bad == -2) unsupported = 1;
-    int64_t seen = first_bad.load();
-    while (bad >= 0 && bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+    // Not nested in another parallel region, each worker is one thread; nested (run inline),
+    // the first worker drains every block.
+    for (int64_t b = next_block++; b < n_blocks; b = next_block++) {
+      const int64_t begin = b * block_rows, end = std::min(in.n_rows, begin + block_rows);
+      const int64_t bad = fn(args, begin, end, aligned);
+      if (bad == -2) unsupported = 1;
+      int64_t seen = first_bad.load();
+      while (bad >= 0 && bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+      }
     }
   });
   TORCH_CHECK(!unsupported, "kdfast: unsupported dtype pair ", in.student.scalar_type(), "/",
