@@ -123,16 +123,16 @@ constexpr int64_t kPrefetchBlock = 256;
 constexpr int64_t kPrefetchAheadLong = kRowChunk + kRowChunk / 2;
 constexpr int64_t kPrefetchAheadShort = kRowChunk;
 
-// Prefetches elements [j0, j1) of row i's logits, past the row's end into row i + 1's, with
-// __builtin_prefetch's locality hint. always_inline: as a function of its own, GCC's
+// Prefetches elements [j0, j1) of row i's logits, past the row's end into row i + 1's (also
+// when row i ends this call's block: the next block is often this thread's, and a prefetch
+// only reads), with __builtin_prefetch's locality hint. always_inline: as a function of its own, GCC's
 // pure-const analysis finds no side effect in it and deletes every call (the shipped kernel
 // ran without a single prefetch until NOTES.md entry 13; tests/test_build_prefetch.py checks
 // the binary).
 template <class S, class Tt, int Locality>
-__attribute__((always_inline)) inline void prefetch_logits(const RowsArgs& g, int64_t i, int64_t end, int64_t j0,
-                                                           int64_t j1) {
+__attribute__((always_inline)) inline void prefetch_logits(const RowsArgs& g, int64_t i, int64_t j0, int64_t j1) {
   const int64_t C = g.n_cols;
-  for (int64_t row = i; row < end && row <= i + 1 && j0 < j1; ++row, j0 -= C, j1 -= C) {
+  for (int64_t row = i; row < g.n_rows && row <= i + 1 && j0 < j1; ++row, j0 -= C, j1 -= C) {
     const int64_t a = j0 > 0 ? j0 : 0, b = j1 < C ? j1 : C;
     const char* s = reinterpret_cast<const char*>(static_cast<const S*>(g.student) + row * g.student_row_stride);
     const char* t = reinterpret_cast<const char*>(static_cast<const Tt*>(g.teacher) + row * g.teacher_row_stride);
@@ -293,9 +293,9 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
           }
         }
         if (n_chunks > 1) {
-          prefetch_logits<S, Tt, 1>(g, i, end, kb + kPrefetchAheadLong, kb1 + kPrefetchAheadLong);
+          prefetch_logits<S, Tt, 1>(g, i, kb + kPrefetchAheadLong, kb1 + kPrefetchAheadLong);
         } else {
-          prefetch_logits<S, Tt, 3>(g, i, end, kb + kPrefetchAheadShort, kb1 + kPrefetchAheadShort);
+          prefetch_logits<S, Tt, 3>(g, i, kb + kPrefetchAheadShort, kb1 + kPrefetchAheadShort);
         }
       }
       if (!separate_hard_exp) z_s = z_a;
