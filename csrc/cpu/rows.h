@@ -83,9 +83,11 @@ inline void stream_bytes(void* dst, const void* src, int64_t n) {
 #if defined(__AVX512F__)
     _mm512_stream_si512(reinterpret_cast<__m512i*>(d + k), _mm512_loadu_si512(s + k));
 #elif defined(__AVX__)
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + k), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + k), v);
 #else
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + k), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k)));
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + k), v);
 #endif
   }
   std::memcpy(d + k, s + k, static_cast<size_t>(n - k));
@@ -125,19 +127,24 @@ constexpr int64_t kPrefetchAheadShort = kRowChunk;
 
 // Prefetches elements [j0, j1) of row i's logits, past the row's end into row i + 1's (also
 // when row i ends this call's block: the next block is often this thread's, and a prefetch
-// only reads), with __builtin_prefetch's locality hint. always_inline: as a function of its own, GCC's
-// pure-const analysis finds no side effect in it and deletes every call (the shipped kernel
-// ran without a single prefetch until NOTES.md entry 13; tests/test_build_prefetch.py checks
-// the binary).
+// only reads), with __builtin_prefetch's locality hint. always_inline: as a function of its
+// own, GCC's pure-const analysis finds no side effect in it and deletes every call (the
+// kernel ran without a single prefetch until NOTES.md entry 13; tests/test_build_prefetch.py
+// checks the binary).
 template <class S, class Tt, int Locality>
-__attribute__((always_inline)) inline void prefetch_logits(const RowsArgs& g, int64_t i, int64_t j0, int64_t j1) {
+__attribute__((always_inline)) inline void prefetch_logits(const RowsArgs& g, int64_t i, int64_t j0,
+                                                           int64_t j1) {
   const int64_t C = g.n_cols;
   for (int64_t row = i; row < g.n_rows && row <= i + 1 && j0 < j1; ++row, j0 -= C, j1 -= C) {
     const int64_t a = j0 > 0 ? j0 : 0, b = j1 < C ? j1 : C;
     const char* s = reinterpret_cast<const char*>(static_cast<const S*>(g.student) + row * g.student_row_stride);
     const char* t = reinterpret_cast<const char*>(static_cast<const Tt*>(g.teacher) + row * g.teacher_row_stride);
-    for (int64_t x = a * int64_t(sizeof(S)); x < b * int64_t(sizeof(S)); x += 64) __builtin_prefetch(s + x, 0, Locality);
-    for (int64_t x = a * int64_t(sizeof(Tt)); x < b * int64_t(sizeof(Tt)); x += 64) __builtin_prefetch(t + x, 0, Locality);
+    for (int64_t x = a * int64_t(sizeof(S)); x < b * int64_t(sizeof(S)); x += 64) {
+      __builtin_prefetch(s + x, 0, Locality);
+    }
+    for (int64_t x = a * int64_t(sizeof(Tt)); x < b * int64_t(sizeof(Tt)); x += 64) {
+      __builtin_prefetch(t + x, 0, Locality);
+    }
   }
 }
 
