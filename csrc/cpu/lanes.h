@@ -4,13 +4,16 @@
 // spends its time on per-row setup and horizontal reductions. Here a block of kLanes rows is
 // transposed into scratch ([class][lane]), every pass loops over classes with the rows in
 // the vector lanes, and the row reductions (max, exp sums, losses) become element-wise.
-// The per-element math is the same kd_math.h code as rows.h and the CUDA kernels.
+// The per-element math is kd_math.h's, as in rows.h and the CUDA kernels.
 //
 // Included by rows.h inside its ISA namespace (see rows.h for the compilation rules).
 #pragma once
 
 #include "kdfast/cpu_rows_api.h"
 #include "kdfast/kd_math.h"
+
+#include <cstring>
+#include <type_traits>
 
 namespace kdfast {
 namespace cpu {
@@ -25,25 +28,25 @@ struct LaneNorms {
   float lse_a[kLanes], lse_b[kLanes], lse_s[kLanes];
   float inv_za[kLanes], inv_zb[kLanes], inv_zs[kLanes], lse_gap[kLanes];
 
+  void set(int r, const RowNorm<float>& n) {
+    max_a[r] = n.max_a, max_b[r] = n.max_b, max_s[r] = n.max_s;
+    lse_a[r] = n.lse_a, lse_b[r] = n.lse_b, lse_s[r] = n.lse_s;
+    inv_za[r] = n.inv_za, inv_zb[r] = n.inv_zb, inv_zs[r] = n.inv_zs, lse_gap[r] = n.lse_gap;
+  }
   RowNorm<float> at(int r, float inv_t) const {
     RowNorm<float> n;
     n.inv_t = inv_t;
-    n.max_a = max_a[r];
-    n.max_b = max_b[r];
-    n.max_s = max_s[r];
-    n.lse_a = lse_a[r];
-    n.lse_b = lse_b[r];
-    n.lse_s = lse_s[r];
-    n.inv_za = inv_za[r];
-    n.inv_zb = inv_zb[r];
-    n.inv_zs = inv_zs[r];
-    n.lse_gap = lse_gap[r];
+    n.max_a = max_a[r], n.max_b = max_b[r], n.max_s = max_s[r];
+    n.lse_a = lse_a[r], n.lse_b = lse_b[r], n.lse_s = lse_s[r];
+    n.inv_za = inv_za[r], n.inv_zb = inv_zb[r], n.inv_zs = inv_zs[r], n.lse_gap = lse_gap[r];
     return n;
   }
 };
 
 // Rows [begin, end) in blocks of kLanes; scratch holds lanes_scratch_elems(C) floats.
 // Returns -1, or the first row whose target is out of range (as run_rows_typed).
+// The same steps as rows.h (kd_math.h), with the whole row as one part: pass 1 takes the row
+// maxima, so pass 2's exps need no rescaling.
 template <class S, class Tt, class G>
 int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scratch) {
   constexpr int L = kLanes;
@@ -52,17 +55,16 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
   float* s_t = scratch;           // [C][L] student logits
   float* t_t = s_t + C * L;       // [C][L] teacher logits
   float* e_a = t_t + C * L;       // exp(s/T - max), later the gradient
-  float* e_b = e_a + C * L;       // exp(t/T - max), later the per-element log ratio
-  float* e_s_own = e_b + C * L;   // exp(s - max s), only when T != 1
+  float* e_b = e_a + C * L;       // exp(t/T - max); jsd: then its gradient ratio
+  float* e_s_own = e_b + C * L;   // exp(s - max s), only when softmax(s) has exps of its own
   const float inv_t = static_cast<float>(P.inv_temperature);
   const float eps = static_cast<float>(P.smoothing);
-  const float eps_over_c = eps / static_cast<float>(C);
-  const float soft_g = static_cast<float>(P.soft_grad_coef);
-  const float hard_g = static_cast<float>(P.hard_coef);
+  const GradCoefs<float> gc = grad_coefs(P, C, 1.0f);
   const bool need_hard = P.hard_coef != 0.0;
-  const bool separate_hard_exp = need_hard && !P.same_scale;
-  const float* e_s = separate_hard_exp ? e_s_own : e_a;
-  const float mode_weight = P.kind == KIND_JSD ? 1.0f - static_cast<float>(P.beta) : 1.0f;
+  // One row per lane leaves no per-element loop to specialize: softmax(s) gets exps of its
+  // own whenever T != 1 (no squarings here).
+  const HardExp hx{0, need_hard && !P.same_scale};
+  const float* e_s = hx.separate ? e_s_own : e_a;
   float* out_loss = static_cast<float*>(g.loss_rows);
   LaneNorms nm;
 
@@ -93,8 +95,8 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
         const S* s = static_cast<const S*>(g.student) + (b0 + r) * g.student_row_stride;
         const Tt* t = static_cast<const Tt*>(g.teacher) + (b0 + r) * g.teacher_row_stride;
         for (int64_t k = 0; k < C; ++k) {
-          s_t[k * L + r] = widen<float>(s[k]);
-          t_t[k * L + r] = widen<float>(t[k]);
+          s_t[k * L + r] = to_acc<float>(s[k]);
+          t_t[k * L + r] = to_acc<float>(t[k]);
         }
       } else {
         for (int64_t k = 0; k < C; ++k) s_t[k * L + r] = t_t[k * L + r] = 0.0f;
@@ -115,118 +117,83 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
       }
     }
 
-    // Pass 2: exps and their sums.
-    float z_a[L], z_b[L], z_s[L];
+    // Pass 2: exps, their sums and the cross sum (kd_math.h step 1, the row as one part).
+    float z_a[L], z_b[L], z_s[L], cross[L];
+    Shifts<float> sh[L];
     for (int r = 0; r < L; ++r) {
-      z_a[r] = z_b[r] = z_s[r] = 0.0f;
-      nm.max_a[r] = max_s[r] * inv_t;
-      nm.max_b[r] = max_t[r] * inv_t;
+      z_a[r] = z_b[r] = z_s[r] = cross[r] = 0.0f;
+      sh[r] = shifts_of(max_s[r], max_t[r], inv_t);
     }
-    for (int64_t k = 0; k < C; ++k) {
-#pragma omp simd
-      for (int r = 0; r < L; ++r) {
-        const float ea = exp_nonpos(s_t[k * L + r] * inv_t - nm.max_a[r]);
-        const float eb = exp_nonpos(t_t[k * L + r] * inv_t - nm.max_b[r]);
-        e_a[k * L + r] = ea;
-        e_b[k * L + r] = eb;
-        z_a[r] += ea;
-        z_b[r] += eb;
-      }
-      if (separate_hard_exp) {
-#pragma omp simd
+    // Kind and the hard term's exps fixed at compile time: each loop does only its call's work.
+    auto exps_pass = [&](auto kind_c, auto separate_c) {
+      constexpr int32_t kKind = decltype(kind_c)::value;
+      constexpr HardExp h{0, decltype(separate_c)::value};
+      for (int64_t k = 0; k < C; ++k) {
+#pragma GCC ivdep
         for (int r = 0; r < L; ++r) {
-          const float es = exp_nonpos(s_t[k * L + r] - max_s[r]);
-          e_s_own[k * L + r] = es;
-          z_s[r] += es;
+          const ElemExps<float> e = elem_exps(s_t[k * L + r], t_t[k * L + r], inv_t, sh[r], h);
+          e_a[k * L + r] = e.ea;
+          e_b[k * L + r] = e.eb;
+          z_a[r] += e.ea;
+          z_b[r] += e.eb;
+          if (h.separate) e_s_own[k * L + r] = e.es, z_s[r] += e.es;
+          if (kKind != KIND_JSD) cross[r] += cross_term<kKind>(e);
         }
       }
-    }
-#pragma omp simd
-    for (int r = 0; r < L; ++r) {
-      const RowNorm<float> n = row_norm(inv_t, max_s[r], max_t[r], z_a[r], z_b[r],
-                                        separate_hard_exp ? z_s[r] : z_a[r]);
-      nm.max_s[r] = n.max_s;
-      nm.lse_a[r] = n.lse_a;
-      nm.lse_b[r] = n.lse_b;
-      nm.lse_s[r] = n.lse_s;
-      nm.inv_za[r] = n.inv_za;
-      nm.inv_zb[r] = n.inv_zb;
-      nm.inv_zs[r] = n.inv_zs;
-      nm.lse_gap[r] = n.lse_gap;
-    }
+      if (!h.separate) std::memcpy(z_s, z_a, sizeof z_s);
+    };
+    with_kind(P.kind, [&](auto kind_c) {
+      if (hx.separate) {
+        exps_pass(kind_c, std::true_type{});
+      } else {
+        exps_pass(kind_c, std::false_type{});
+      }
+    });
+    for (int r = 0; r < L; ++r) nm.set(r, row_norm(inv_t, max_s[r], max_t[r], z_a[r], z_b[r], z_s[r]));
 
-    // Pass 3: the soft loss (reverse_kl and jsd stash their per-element log ratio in e_b).
+    // The soft loss: kl / reverse_kl from the cross sum; jsd from a pass of its terms (its
+    // gradient ratio replaces e_b).
     float soft[L], row_kl[L];
-    for (int r = 0; r < L; ++r) soft[r] = row_kl[r] = 0.0f;
-    if (P.kind == KIND_KL) {
-      for (int64_t k = 0; k < C; ++k) {
-#pragma GCC ivdep
-        for (int r = 0; r < L; ++r) {
-          const RowNorm<float> n = nm.at(r, inv_t);
-          soft[r] += weighted(e_b[k * L + r] * n.inv_zb, log_ratio_pq(s_t[k * L + r], t_t[k * L + r], n));
-        }
-      }
-    } else if (P.kind == KIND_REVERSE_KL) {
-      for (int64_t k = 0; k < C; ++k) {
-#pragma GCC ivdep
-        for (int r = 0; r < L; ++r) {
-          const RowNorm<float> n = nm.at(r, inv_t);
-          const float log_q_over_p = -log_ratio_pq(s_t[k * L + r], t_t[k * L + r], n);
-          soft[r] += weighted(e_a[k * L + r] * n.inv_za, log_q_over_p);
-          e_b[k * L + r] = log_q_over_p;
-        }
-      }
-      for (int r = 0; r < L; ++r) row_kl[r] = soft[r];
-    } else {  // jsd, in log space
+    if (P.kind != KIND_JSD) {
+      for (int r = 0; r < L; ++r) soft[r] = row_kl[r] = soft_from_cross(P.kind, cross[r], z_a[r], z_b[r]);
+    } else {
       const float log_beta = static_cast<float>(P.log_beta);
       const float log1m_beta = static_cast<float>(P.log1m_beta);
-      const float beta = static_cast<float>(P.beta);
       float kl_pm[L];
-      for (int r = 0; r < L; ++r) kl_pm[r] = 0.0f;
+      for (int r = 0; r < L; ++r) kl_pm[r] = row_kl[r] = 0.0f;
       for (int64_t k = 0; k < C; ++k) {
 #pragma GCC ivdep
         for (int r = 0; r < L; ++r) {
-          const RowNorm<float> n = nm.at(r, inv_t);
-          const float log_p = t_t[k * L + r] * inv_t - n.lse_b;
-          const float log_q = s_t[k * L + r] * inv_t - n.lse_a;
-          const float log_m = log_mixture(log_p, log_q, log_beta, log1m_beta);
-          kl_pm[r] += weighted(e_b[k * L + r] * n.inv_zb, log_p - log_m);
-          row_kl[r] += weighted(e_a[k * L + r] * n.inv_za, log_q - log_m);
-          e_b[k * L + r] = log_q - log_m;
+          const JsdTerms<float> j = jsd_terms(s_t[k * L + r], t_t[k * L + r], e_a[k * L + r], e_b[k * L + r],
+                                              nm.at(r, inv_t), log_beta, log1m_beta);
+          kl_pm[r] += j.pm;
+          row_kl[r] += j.qm;
+          e_b[k * L + r] = j.ratio;
         }
       }
-      for (int r = 0; r < L; ++r) soft[r] = beta * kl_pm[r] + (1.0f - beta) * row_kl[r];
+      for (int r = 0; r < L; ++r) soft[r] = jsd_soft(kl_pm[r], row_kl[r], static_cast<float>(P.beta));
     }
 
-    // Pass 4: the gradient, into e_a's slots (each is read before it is overwritten). Without
-    // a hard term hard_g is 0 and e_s aliases e_a: the hard part adds exactly 0.
+    // The gradient, into e_a's slots (each is read before it is overwritten).
     if (g.grad) {
-      const float one_m_eps = 1.0f - eps;
-      for (int64_t k = 0; k < C; ++k) {
-        const int32_t k32 = static_cast<int32_t>(k);
-        float* slot = e_a + k * L;
-        const float* eb_k = e_b + k * L;
-        const float* es_k = e_s + k * L;
-        if (P.kind == KIND_KL) {
+      with_kind(P.kind, [&](auto kind_c) {
+        constexpr int32_t kKind = decltype(kind_c)::value;
+        for (int64_t k = 0; k < C; ++k) {
+          const int32_t k32 = static_cast<int32_t>(k);
+          float* slot = e_a + k * L;
+          const float* eb_k = e_b + k * L;
+          const float* es_k = e_s + k * L;
 #pragma GCC ivdep
           for (int r = 0; r < L; ++r) {
             const RowNorm<float> n = nm.at(r, inv_t);
-            const float one_hot = label[r] == k32 ? one_m_eps : 0.0f;
-            const float gk = soft_g * soft_grad_kl(slot[r], eb_k[r], n) +
-                             hard_g * (hard_grad(es_k[r], eps_over_c, n) - one_hot);
-            slot[r] = counted[r] ? gk : 0.0f;
-          }
-        } else {
-#pragma GCC ivdep
-          for (int r = 0; r < L; ++r) {
-            const RowNorm<float> n = nm.at(r, inv_t);
-            const float one_hot = label[r] == k32 ? one_m_eps : 0.0f;
-            const float gk = soft_g * soft_grad_mode_seeking(slot[r], eb_k[r], row_kl[r], mode_weight, n) +
-                             hard_g * (hard_grad(es_k[r], eps_over_c, n) - one_hot);
+            const float ratio =
+                kKind == KIND_REVERSE_KL ? reverse_kl_ratio(s_t[k * L + r], t_t[k * L + r], n) : eb_k[r];
+            const float gk = grad_element(kKind, slot[r], eb_k[r], ratio, row_kl[r], es_k[r], n, gc,
+                                          label[r] == k32);
             slot[r] = counted[r] ? gk : 0.0f;
           }
         }
-      }
+      });
       for (int r = 0; r < rows; ++r) {
         G* grad_row = static_cast<G*>(g.grad) + (b0 + r) * g.grad_row_stride;
         for (int64_t k = 0; k < C; ++k) store_from_acc(grad_row + k, e_a[k * L + r]);

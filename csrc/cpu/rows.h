@@ -11,6 +11,7 @@
 #include "kdfast/kd_math.h"
 
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -30,11 +31,6 @@ namespace {
 
 using namespace ::kdfast::math;
 
-template <class A> KD_HD A widen(float v) { return v; }
-template <class A> KD_HD A widen(double v) { return static_cast<A>(v); }
-template <class A> KD_HD A widen(bf16_bits v) { return to_acc_float(v); }
-template <class A> KD_HD A widen(f16_bits v) { return to_acc_float(v); }
-
 // Rows already in the accumulation type are read in place; others are widened into scratch
 // chunk by chunk as pass 2 reaches them (the prefetched reads; the widened chunk stays in L1
 // for the maxima and exps): into the row's own slots when pass 3 reads the whole row again,
@@ -47,7 +43,7 @@ const A* acc_row(const A* src, A*) { return src; }
 template <class A, class S>
 const A* chunk_as_acc(const S* src, A* buf, int64_t k0, int64_t k1) {
 #pragma omp simd
-  for (int64_t k = k0; k < k1; ++k) buf[k - k0] = widen<A>(src[k]);
+  for (int64_t k = k0; k < k1; ++k) buf[k - k0] = to_acc<A>(src[k]);
   return buf;
 }
 template <class A>
@@ -111,7 +107,7 @@ inline void stream_fence() {}
 // chunk of the logits once: its maxima first (which brings the chunk into L1), then its exps
 // relative to those chunk maxima, stashed along with the chunk's sums. The row maxima are
 // known only after the last chunk, so a chunk's exps carry a scale r = exp(chunk max - row
-// max), which the gradient passes fold into the normalizers (chunk_norm) instead of rewriting
+// max), which the gradient passes fold into the normalizers (part_norm) instead of rewriting
 // the stash: the logits come from memory once, not twice (benchmarks/NOTES.md, entry 9).
 
 // The exps are compute-bound and wait on memory whenever a chunk's first read misses (the
@@ -153,21 +149,68 @@ inline int64_t chunk_end(int64_t c, int64_t n_cols) {
   return (c + 1) * kRowChunk < n_cols ? (c + 1) * kRowChunk : n_cols;
 }
 
-// The shift of a chunk's exps: finite, so an all -inf chunk (masked vocabulary) has exps of 0.
-template <class A> A chunk_shift(A chunk_max) { return chunk_max == neg_inf<A>() ? A(0) : chunk_max; }
-
-// The row's normalizers as seen by one chunk's stashed exps.
-template <class A> RowNorm<A> chunk_norm(RowNorm<A> n, A r_a, A r_b, A r_s) {
-  n.inv_za *= r_a;
-  n.inv_zb *= r_b;
-  n.inv_zs *= r_s;
-  return n;
+// Calls f(std::integral_constant<int32_t, kind>) for the call's kind, so the loops carry no
+// run-time select between the kinds' formulas.
+template <class F> __attribute__((always_inline)) inline void with_kind(int32_t kind, F&& f) {
+  if (kind == KIND_KL) {
+    f(std::integral_constant<int32_t, KIND_KL>{});
+  } else if (kind == KIND_REVERSE_KL) {
+    f(std::integral_constant<int32_t, KIND_REVERSE_KL>{});
+  } else {
+    f(std::integral_constant<int32_t, KIND_JSD>{});
+  }
 }
 
-// exp(s - chunk max) at k: stashed (e_s), or e_a squared once or twice (T = 2, 4: exact).
-template <class A> A hard_exp_at(const A* e_a, const A* e_s, int64_t k, int squarings) {
-  const A ea2 = e_a[k] * e_a[k];
-  return squarings == 0 ? e_s[k] : squarings == 1 ? ea2 : ea2 * ea2;
+// Running sums of one chunk's pass 2 (the vectorizer wants scalars for its reductions).
+template <class A> struct ChunkSums { A z_a, z_b, z_s, cross; };
+
+// Pass 2's exps for elements [kb, kb1) of a chunk starting at k0 (sc, tc: the chunk in the
+// accumulation type), stashed for the gradient pass: e_a, e_b, and e_s when softmax(s) has
+// exps of its own. Kind and the hard term's exps are compile-time here so each loop carries
+// only the work its call needs (jsd: no cross sum; T == 1 or no hard term: no z_s).
+template <int Kind, int Squarings, bool Separate, class A>
+__attribute__((always_inline)) inline void chunk_exps(const A* sc, const A* tc, int64_t k0, int64_t kb,
+                                                      int64_t kb1, A inv_t, Shifts<A> sh, A* e_a, A* e_b,
+                                                      A* e_s_own, ChunkSums<A>& sums) {
+  constexpr HardExp h{Squarings, Separate};
+  constexpr bool own_z_s = Squarings > 0 || Separate;
+  A z_a = sums.z_a, z_b = sums.z_b, z_s = sums.z_s, cross = sums.cross;
+#pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
+  for (int64_t k = kb; k < kb1; ++k) {
+    const ElemExps<A> e = elem_exps(sc[k - k0], tc[k - k0], inv_t, sh, h);
+    e_a[k] = e.ea;
+    e_b[k] = e.eb;
+    if (Separate) e_s_own[k] = e.es;
+    z_a += e.ea;
+    z_b += e.eb;
+    if (own_z_s) z_s += e.es;
+    if (Kind != KIND_JSD) cross += cross_term<Kind>(e);
+  }
+  sums = ChunkSums<A>{z_a, z_b, own_z_s ? z_s : z_a, cross};
+}
+
+// softmax(s)'s exp at k relative to its chunk's shift: stashed in e_s (its own exps, or e_a
+// itself when e_s aliases it), or e_a squared once or twice (T = 2, 4: hard_exp).
+template <int Squarings, class A> A stashed_hard_exp(const A* e_a, const A* e_s, int64_t k) {
+  return Squarings == 0 ? e_s[k] : hard_exp(A(0), e_a[k], A(0), HardExp{Squarings, false});
+}
+
+// Per-row scratch of the row loops (5 rows of C plus two records per chunk, see scratch_elems).
+template <class A> struct RowScratch {
+  A* s_buf;    // the student row in the accumulation type (when it is not already)
+  A* t_buf;    // the teacher row likewise
+  A* e_a;      // exp(a - chunk shift a)
+  A* e_b;      // exp(b - chunk shift b); jsd: then its gradient ratio
+  A* e_s_own;  // exp(s - chunk shift s), only when softmax(s) has exps of its own
+  PartStats<A>* parts;  // per chunk: pass 2's statistics
+  Scales<A>* scales;    // per chunk: its scales to the row maxima
+};
+template <class A> RowScratch<A> row_scratch(A* scratch, int64_t C) {
+  const int64_t n_chunks = row_chunks(C);
+  A* records = scratch + 5 * C;
+  return RowScratch<A>{scratch, scratch + C, scratch + 2 * C, scratch + 3 * C, scratch + 4 * C,
+                       reinterpret_cast<PartStats<A>*>(records),
+                       reinterpret_cast<Scales<A>*>(records + n_chunks * kPartStatsElems)};
 }
 
 // Squarings: 1 or 2 when exp(s - max s) is e_a squared once or twice (T = 2 or 4), else 0.
@@ -178,30 +221,15 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
   const Params& P = g.params;
   const int64_t C = g.n_cols;
   const int64_t n_chunks = row_chunks(C);
-  A* s_buf = scratch;
-  A* t_buf = scratch + C;
-  A* e_a = scratch + 2 * C;  // exp(a - chunk max a)
-  A* e_b = scratch + 3 * C;  // exp(b - chunk max b); later the per-element log ratio
-  A* e_s_own = scratch + 4 * C;  // exp(s - chunk max s), only when T is not 1, 2 or 4
-  // Per chunk: maxima and sums from pass 2; the maxima's slots then hold the chunk's scales.
-  A* chunk_max_s = scratch + 5 * C;  // then r_a
-  A* chunk_max_t = chunk_max_s + n_chunks;  // then r_b
-  A* chunk_z_a = chunk_max_t + n_chunks;
-  A* chunk_z_b = chunk_z_a + n_chunks;
-  A* chunk_z_s = chunk_z_b + n_chunks;  // then r_s
-  A* chunk_cross = chunk_z_s + n_chunks;
+  const RowScratch<A> w = row_scratch(scratch, C);
   const A inv_t = static_cast<A>(P.inv_temperature);
   const A eps = static_cast<A>(P.smoothing);
-  const A eps_over_c = eps / static_cast<A>(C);
-  const A soft_g = static_cast<A>(P.soft_grad_coef);
-  const A hard_g = static_cast<A>(P.hard_coef);
+  const GradCoefs<A> gc = grad_coefs(P, C, A(1));
   const bool need_hard = P.hard_coef != 0.0;
   const bool need_logit_sum = need_hard && eps != A(0);
-  const bool separate_hard_exp = need_hard && !P.same_scale;
-  // softmax(s) from e_a (T == 1 or no hard term: a harmless stand-in), e_a squared, or its own
-  // exps.
-  constexpr int squarings = Squarings;
-  const A* e_s = separate_hard_exp && squarings == 0 ? e_s_own : e_a;
+  const HardExp hx = hard_exp_mode(P);
+  const bool separate = hx.separate;  // Squarings == hx.squarings (run_rows_for)
+  const A* e_s = separate ? w.e_s_own : w.e_a;
   A* out_loss = static_cast<A*>(g.loss_rows);
 
   for (int64_t i = begin; i < end; ++i) {
@@ -223,205 +251,136 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     }
     const S* s_src = static_cast<const S*>(g.student) + i * g.student_row_stride;
     const Tt* t_src = static_cast<const Tt*>(g.teacher) + i * g.teacher_row_stride;
-    const A* s = acc_row(s_src, s_buf);
-    const A* t = acc_row(t_src, t_buf);
+    const A* s = acc_row(s_src, w.s_buf);
+    const A* t = acc_row(t_src, w.t_buf);
     // Read before any gradient store: in-place mode writes the gradient over the student row.
-    const A s_y = need_hard ? widen<A>(s_src[y]) : A(0);
+    const A s_y = need_hard ? to_acc<A>(s_src[y]) : A(0);
 
-    // Pass 2, chunk by chunk: maxima, then exps stashed for pass 3, and the chunk's sums.
-    // 3 exps per element; 2 when the hard term reuses softmax(s/T) (T == 1), squares it
-    // (T == 2 or 4), or there is none. cross = sum_k e_b[k] (x_b[k] - x_a[k]) over the exps'
-    // arguments x = logit/T - max: log p_k - log q_k = x_b[k] - x_a[k] + log z_a - log z_b,
-    // so kl's soft loss is cross / z_b + log z_a - log z_b and kl needs no later pass over the
-    // logits. Relative to the maxima nothing large cancels (huge logits included). weighted: a
-    // -inf (masked) teacher entry adds 0.
-    A sum_s = A(0);  // the logit sum label smoothing needs
+    // Pass 2, chunk by chunk: maxima (which bring the chunk into L1), then exps relative to
+    // them, stashed for the gradient, and the chunk's statistics (kd_math.h step 1). 3 exps
+    // per element; 2 when the hard term reuses softmax(s/T) (T == 1), squares it (T == 2 or
+    // 4), or there is none.
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
+      // kl reads the logits only here: one reused L1 chunk; the others read them again.
       const int64_t slot = P.kind == KIND_KL ? 0 : k0;
-      const A* sc = chunk_as_acc(s_src, s_buf + slot, k0, k1);
-      const A* tc = chunk_as_acc(t_src, t_buf + slot, k0, k1);
+      const A* sc = chunk_as_acc(s_src, w.s_buf + slot, k0, k1);
+      const A* tc = chunk_as_acc(t_src, w.t_buf + slot, k0, k1);
       A cm_s = neg_inf<A>(), cm_t = neg_inf<A>();
 #pragma omp simd reduction(max : cm_s, cm_t)
       for (int64_t k = k0; k < k1; ++k) {
         cm_s = kd_max(cm_s, sc[k - k0]);
         cm_t = kd_max(cm_t, tc[k - k0]);
       }
+      A sum_s = A(0);
       if (need_logit_sum) {
 #pragma omp simd reduction(+ : sum_s)
         for (int64_t k = k0; k < k1; ++k) sum_s += sc[k - k0];
       }
-      const A sh_s = chunk_shift(cm_s);
-      const A sh_a = sh_s * inv_t, sh_b = chunk_shift(cm_t) * inv_t;
-      A z_a = A(0), z_b = A(0), z_s = A(0), cross = A(0);
-      for (int64_t kb = k0; kb < k1; kb += kPrefetchBlock) {
-        const int64_t kb1 = kb + kPrefetchBlock < k1 ? kb + kPrefetchBlock : k1;
-        if (squarings > 0) {
-          const bool twice = squarings == 2;
-#pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
-          for (int64_t k = kb; k < kb1; ++k) {
-            const A xa = sc[k - k0] * inv_t - sh_a, xb = tc[k - k0] * inv_t - sh_b;
-            const A ea = exp_nonpos(xa);
-            const A eb = exp_nonpos(xb);
-            cross += weighted(eb, xb - xa);
-            const A ea2 = ea * ea;
-            e_a[k] = ea;
-            e_b[k] = eb;
-            z_a += ea;
-            z_b += eb;
-            z_s += twice ? ea2 * ea2 : ea2;
-          }
-        } else if (separate_hard_exp) {
-#pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
-          for (int64_t k = kb; k < kb1; ++k) {
-            const A xa = sc[k - k0] * inv_t - sh_a, xb = tc[k - k0] * inv_t - sh_b;
-            const A ea = exp_nonpos(xa);
-            const A eb = exp_nonpos(xb);
-            cross += weighted(eb, xb - xa);
-            const A es = exp_nonpos(sc[k - k0] - sh_s);
-            e_a[k] = ea;
-            e_b[k] = eb;
-            e_s_own[k] = es;
-            z_a += ea;
-            z_b += eb;
-            z_s += es;
-          }
-        } else {
-#pragma omp simd reduction(+ : z_a, z_b, cross)
-          for (int64_t k = kb; k < kb1; ++k) {
-            const A xa = sc[k - k0] * inv_t - sh_a, xb = tc[k - k0] * inv_t - sh_b;
-            const A ea = exp_nonpos(xa);
-            const A eb = exp_nonpos(xb);
-            cross += weighted(eb, xb - xa);
-            e_a[k] = ea;
-            e_b[k] = eb;
-            z_a += ea;
-            z_b += eb;
+      const Shifts<A> sh = shifts_of(cm_s, cm_t, inv_t);
+      ChunkSums<A> sums{A(0), A(0), A(0), A(0)};
+      // In blocks of kPrefetchBlock exps, each followed by its prefetches.
+      auto exps = [&](auto kind_c, auto squarings_c, auto separate_c) {
+        constexpr int32_t kKind = decltype(kind_c)::value;
+        for (int64_t kb = k0; kb < k1; kb += kPrefetchBlock) {
+          const int64_t kb1 = kb + kPrefetchBlock < k1 ? kb + kPrefetchBlock : k1;
+          chunk_exps<kKind, decltype(squarings_c)::value, decltype(separate_c)::value>(
+              sc, tc, k0, kb, kb1, inv_t, sh, w.e_a, w.e_b, w.e_s_own, sums);
+          if (n_chunks > 1) {
+            prefetch_logits<S, Tt, 1>(g, i, kb + kPrefetchAheadLong, kb1 + kPrefetchAheadLong);
+          } else {
+            prefetch_logits<S, Tt, 3>(g, i, kb + kPrefetchAheadShort, kb1 + kPrefetchAheadShort);
           }
         }
-        if (n_chunks > 1) {
-          prefetch_logits<S, Tt, 1>(g, i, kb + kPrefetchAheadLong, kb1 + kPrefetchAheadLong);
+      };
+      with_kind(P.kind, [&](auto kind_c) {
+        if (Squarings > 0) {
+          exps(kind_c, std::integral_constant<int, Squarings>{}, std::false_type{});
+        } else if (separate) {
+          exps(kind_c, std::integral_constant<int, 0>{}, std::true_type{});
         } else {
-          prefetch_logits<S, Tt, 3>(g, i, kb + kPrefetchAheadShort, kb1 + kPrefetchAheadShort);
+          exps(kind_c, std::integral_constant<int, 0>{}, std::false_type{});
         }
-      }
-      if (!separate_hard_exp) z_s = z_a;
-      chunk_max_s[c] = cm_s;
-      chunk_max_t[c] = cm_t;
-      chunk_z_a[c] = z_a;
-      chunk_z_b[c] = z_b;
-      chunk_z_s[c] = z_s;
-      chunk_cross[c] = cross;
+      });
+      w.parts[c] = PartStats<A>{cm_s, cm_t, sums.z_a, sums.z_b, sums.z_s, sums.cross, sum_s};
     }
 
-    // The row's maxima and sums from the chunks'. A chunk's exps relative to the row maxima
-    // are its stash times r = exp(d), d = chunk max/T - row max/T: 0 for an all -inf chunk,
-    // NaN when the whole row is -inf (as softmax of it is).
-    A max_s = neg_inf<A>(), max_t = neg_inf<A>();
+    // The row's statistics from the chunks' (kd_math.h step 2); each chunk's scales are kept
+    // for the gradient, which reads its exps as stashed.
+    PartStats<A> row = empty_part<A>();
     for (int64_t c = 0; c < n_chunks; ++c) {
-      max_s = kd_max(max_s, chunk_max_s[c]);
-      max_t = kd_max(max_t, chunk_max_t[c]);
+      row.max_s = nan_max(row.max_s, w.parts[c].max_s);
+      row.max_t = nan_max(row.max_t, w.parts[c].max_t);
     }
-    const A max_a = max_s * inv_t, max_b = max_t * inv_t;
-    A z_a = A(0), z_b = A(0), z_s = A(0), cross = A(0);
     for (int64_t c = 0; c < n_chunks; ++c) {
-      const A d_a = chunk_max_s[c] * inv_t - max_a, d_b = chunk_max_t[c] * inv_t - max_b;
-      const A r_a = exp_nonpos(d_a), r_b = exp_nonpos(d_b);
-      const A r_a2 = r_a * r_a;
-      const A r_s = squarings == 1 ? r_a2
-                  : squarings == 2 ? r_a2 * r_a2
-                  : separate_hard_exp ? exp_nonpos(chunk_max_s[c] - max_s) : r_a;
-      z_a += r_a * chunk_z_a[c];
-      z_b += r_b * chunk_z_b[c];
-      z_s += r_s * chunk_z_s[c];
-      // sum over the chunk of e_b r_b (x_b + d_b - x_a - d_a)
-      cross += weighted(r_b, chunk_cross[c]) + weighted(r_b * chunk_z_b[c], d_b - d_a);
-      chunk_max_s[c] = r_a;
-      chunk_max_t[c] = r_b;
-      chunk_z_s[c] = r_s;
+      w.scales[c] = part_scales(w.parts[c].max_s, w.parts[c].max_t, row.max_s, row.max_t, inv_t, hx);
+      add_scaled(row, w.parts[c], w.scales[c], P.kind);
     }
-    const A* r_a = chunk_max_s;
-    const A* r_b = chunk_max_t;
-    const A* r_s = chunk_z_s;
-    const RowNorm<A> n = row_norm(inv_t, max_s, max_t, z_a, z_b, z_s);
-    const int64_t chunk_y = need_hard ? y / kRowChunk : -1;
-    const RowNorm<A> n_y = need_hard ? chunk_norm(n, r_a[chunk_y], r_b[chunk_y], r_s[chunk_y]) : n;
+    const RowNorm<A> n = row_norm(inv_t, row.max_s, row.max_t, row.z_a, row.z_b, row.z_s);
 
-    // Pass 3 (reverse_kl, jsd): their gradient needs a row sum over the logits first (kl's
-    // soft loss came from pass 2's cross sum). The per-element log ratio replaces e_b.
-    const A ea_y = need_hard ? e_a[y] : A(0);
-    const A es_y = need_hard ? hard_exp_at(e_a, e_s, y, squarings) : A(0);
-    A soft = A(0), grad_kl = A(0);
-    if (P.kind == KIND_KL) {
-      soft = cross * n.inv_zb + (kd_log(z_a) - kd_log(z_b));
-    } else if (P.kind == KIND_REVERSE_KL) {
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
-        const A inv_za = n.inv_za * r_a[c];
-#pragma omp simd reduction(+ : soft)
-        for (int64_t k = k0; k < k1; ++k) {
-          const A log_q_over_p = -log_ratio_pq(s[k], t[k], n);
-          e_b[k] = log_q_over_p;
-          soft += weighted(e_a[k] * inv_za, log_q_over_p);
-        }
-      }
-      grad_kl = soft;
-    } else {  // jsd, in log space
+    // The soft loss: kl and reverse_kl from the cross sum; jsd needs the finished normalizers
+    // inside its log mixture, so a pass over the stashed row (its ratio replaces e_b).
+    A soft = A(0), row_kl = A(0);
+    if (P.kind != KIND_JSD) {
+      soft = row_kl = soft_from_cross(P.kind, row.cross, row.z_a, row.z_b);
+    } else {
       const A log_beta = static_cast<A>(P.log_beta), log1m_beta = static_cast<A>(P.log1m_beta);
       A kl_pm = A(0), kl_qm = A(0);
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
-        const A inv_za = n.inv_za * r_a[c], inv_zb = n.inv_zb * r_b[c];
+        const RowNorm<A> nc = part_norm(n, w.scales[c]);
 #pragma omp simd reduction(+ : kl_pm, kl_qm)
         for (int64_t k = k0; k < k1; ++k) {
-          const A log_p = t[k] * inv_t - n.lse_b;
-          const A log_q = s[k] * inv_t - n.lse_a;
-          const A log_m = log_mixture(log_p, log_q, log_beta, log1m_beta);
-          kl_pm += weighted(e_b[k] * inv_zb, log_p - log_m);
-          kl_qm += weighted(e_a[k] * inv_za, log_q - log_m);
-          e_b[k] = log_q - log_m;
+          const JsdTerms<A> j = jsd_terms(s[k], t[k], w.e_a[k], w.e_b[k], nc, log_beta, log1m_beta);
+          kl_pm += j.pm;
+          kl_qm += j.qm;
+          w.e_b[k] = j.ratio;
         }
       }
-      const A beta = static_cast<A>(P.beta);
-      soft = beta * kl_pm + (A(1) - beta) * kl_qm;
-      grad_kl = kl_qm;
+      soft = jsd_soft(kl_pm, kl_qm, static_cast<A>(P.beta));
+      row_kl = kl_qm;
     }
 
-    // Pass 4: the gradient from the stashed exps only (so it is stored after every read of
-    // the student row, which in-place mode overwrites), chunk by chunk into an L1 buffer (the
-    // label's element, rounded once, put in place) and streamed out past the cache.
+    // The gradient from the stash only (so it is stored after every read of the student row,
+    // which in-place mode overwrites), chunk by chunk into an L1 buffer (the label's element
+    // put in place) and streamed out past the cache.
     if (grad_row) {
-      const A weight = P.kind == KIND_JSD ? A(1) - static_cast<A>(P.beta) : A(1);
-      const bool kl = P.kind == KIND_KL;
-      A grad_y = A(0);
-      if (need_hard) {
-        grad_y = hard_g * (hard_grad(es_y, eps_over_c, n_y) - (A(1) - eps)) +
-                 soft_g * (kl ? soft_grad_kl(ea_y, e_b[y], n_y)
-                              : soft_grad_mode_seeking(ea_y, e_b[y], grad_kl, weight, n_y));
-      }
+      const int64_t chunk_y = need_hard ? y / kRowChunk : -1;
       alignas(64) A chunk[kRowChunk];
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
-        const RowNorm<A> nc = chunk_norm(n, r_a[c], r_b[c], r_s[c]);
-        if (kl) {
+        const RowNorm<A> nc = part_norm(n, w.scales[c]);
+        if (P.kind == KIND_KL) {
 #pragma omp simd
           for (int64_t k = k0; k < k1; ++k) {
-            chunk[k - k0] = soft_g * soft_grad_kl(e_a[k], e_b[k], nc) +
-                            hard_g * hard_grad(hard_exp_at(e_a, e_s, k, squarings), eps_over_c, nc);
+            const A es = stashed_hard_exp<Squarings>(w.e_a, e_s, k);
+            chunk[k - k0] = grad_kl_element(w.e_a[k], w.e_b[k], es, nc, gc, false);
+          }
+        } else if (P.kind == KIND_REVERSE_KL) {
+#pragma omp simd
+          for (int64_t k = k0; k < k1; ++k) {
+            const A es = stashed_hard_exp<Squarings>(w.e_a, e_s, k);
+            chunk[k - k0] = grad_mode_seeking_element(w.e_a[k], reverse_kl_ratio(s[k], t[k], nc), row_kl,
+                                                      es, nc, gc, false);
           }
         } else {
 #pragma omp simd
           for (int64_t k = k0; k < k1; ++k) {
-            chunk[k - k0] = soft_g * soft_grad_mode_seeking(e_a[k], e_b[k], grad_kl, weight, nc) +
-                            hard_g * hard_grad(hard_exp_at(e_a, e_s, k, squarings), eps_over_c, nc);
+            const A es = stashed_hard_exp<Squarings>(w.e_a, e_s, k);
+            chunk[k - k0] = grad_mode_seeking_element(w.e_a[k], w.e_b[k], row_kl, es,
+                                                      nc, gc, false);
           }
         }
-        if (c == chunk_y) chunk[y - k0] = grad_y;
+        if (c == chunk_y) {
+          const A ratio_y = P.kind == KIND_REVERSE_KL ? reverse_kl_ratio(s[y], t[y], nc) : w.e_b[y];
+          const A es_y = stashed_hard_exp<Squarings>(w.e_a, e_s, y);
+          chunk[y - k0] = grad_element(P.kind, w.e_a[y], w.e_b[y], ratio_y, row_kl, es_y, nc, gc, true);
+        }
         write_grad_row(grad_row + k0, chunk, k1 - k0);
       }
     }
 
-    const A hard = need_hard ? hard_loss(s_y, sum_s, C, eps, n) : A(0);
+    const A hard = need_hard ? hard_loss(s_y, row.sum_s, C, eps, n) : A(0);
     out_loss[i] = row_loss(soft, hard, P);
   }
   stream_fence();

@@ -40,11 +40,15 @@ constexpr int64_t kLanesMaxCols = 63;
 constexpr int64_t kRowChunk = 1024;
 inline int64_t row_chunks(int64_t n_cols) { return (n_cols + kRowChunk - 1) / kRowChunk; }
 
+// Values of one chunk's records in the row loops' scratch: its PartStats and its Scales.
+constexpr int64_t kPartStatsElems = sizeof(math::PartStats<float>) / sizeof(float);
+constexpr int64_t kScalesElems = sizeof(math::Scales<float>) / sizeof(float);
+
 // Elements of scratch (of the accumulation type) one thread needs for rows of n_cols: 5 rows
-// plus 6 values per chunk for the row loops, 5 rows per lane for the lane loops.
+// plus both records per chunk for the row loops, 5 rows per lane for the lane loops.
 inline int64_t scratch_elems(int64_t n_cols, int64_t lanes_max_cols) {
   if (n_cols <= lanes_max_cols) return 5 * n_cols * kLanes;
-  return 5 * n_cols + 6 * row_chunks(n_cols);
+  return 5 * n_cols + (kPartStatsElems + kScalesElems) * row_chunks(n_cols);
 }
 
 // Processes rows [begin, end). Returns -1 on success, the index of the first row whose target

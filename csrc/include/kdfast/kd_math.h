@@ -1,19 +1,24 @@
-// Per-row distillation math shared by the CPU and CUDA kernels.
+// Per-row distillation math shared by the CPU and CUDA kernels: the one definition of every
+// per-row step. The backends (csrc/cpu/rows.h, csrc/cpu/lanes.h, csrc/cuda/distill_rows.cuh)
+// own only their loops, stashes and reductions; tests/test_shared_math.py checks that no
+// transcendental or loss formula is written in them.
 //
 // Everything here is a plain inline function on scalars, callable from host and device, so
-// the CPU tests exercise the exact arithmetic the CUDA kernel runs. The kernels own only the
-// loops (SIMD lanes on the CPU, threads on the GPU) and the reductions between the passes.
+// the CPU tests and the host simulation of the CUDA rows (tests/cuda_host_sim.cpp) exercise
+// the arithmetic the CUDA kernel runs.
 //
 // Notation for one row of C classes, s = student logits, t = teacher logits, T = temperature:
 //   a = s/T, b = t/T, q = softmax(a), p = softmax(b), r = softmax(s).
-// Pass 1 (stats):     max(s), max(t), sum(s) (for label smoothing); no exps.
-// Pass 2 (normalize): e_a = exp(a - max a), e_b = exp(b - max b), e_s = exp(s - max s), and
-//                     their row sums; the exps are stashed in per-row scratch.
-// Pass 3 (loss+grad): per-element soft term and gradient from the stashed exps, no new exps
-//                     for "kl". "reverse_kl"/"jsd" need the row's soft loss inside the
-//                     gradient, so pass 3 only reduces and pass 4 writes the gradient.
-// Exps per element: kl 3 (2 when T == 1, when alpha == 1, or with no target),
-//                   reverse_kl the same, jsd the same + 1 exp + 1 log (log-space mixture).
+// The steps:
+//   1. Statistics of a part of the row (a CPU chunk, a GPU thread's elements, a row split):
+//      its maxima, its exp sums relative to them (elem_exps), kl's / reverse_kl's cross sum
+//      and the logit sum label smoothing needs (PartStats, add_element).
+//   2. Parts combined with online rescaling (part_scales, add_scaled, merge_parts): the row's
+//      statistics without a second read of the logits.
+//   3. The row's normalizers (row_norm) and soft loss: kl / reverse_kl from the cross sum
+//      (soft_from_cross), jsd from a sum of jsd_terms over the row.
+//   4. The gradient element by element (GradCoefs, grad_kl_element, grad_mode_seeking_element,
+//      hard_grad_part) and the row loss (hard_loss, row_loss).
 #pragma once
 
 #include <math.h>
@@ -257,6 +262,247 @@ KD_HD A soft_grad_mode_seeking(A e_a, A ratio, A row_kl, A weight, RowNorm<A> n)
 template <class A>
 KD_HD A row_loss(A soft, A hard, const Params& p) {
   return A(p.soft_coef) * soft + (p.hard_coef != 0.0 ? A(p.hard_coef) * hard : A(0));
+}
+
+
+// ---- widening, and the gradient-dtype rule ----
+// Storage -> accumulation type (float, or double for double rows).
+template <class A> KD_HD A to_acc(float v) { return static_cast<A>(v); }
+template <class A> KD_HD A to_acc(double v) { return static_cast<A>(v); }
+template <class A> KD_HD A to_acc(bf16_bits v) { return static_cast<A>(to_acc_float(v)); }
+template <class A> KD_HD A to_acc(f16_bits v) { return static_cast<A>(to_acc_float(v)); }
+
+// The gradient is stored in the student's dtype, except float16 students: their unnormalized
+// gradient (entries near 1/C) underflows float16's subnormals, so it stays float32. (The torch
+// side, grad_dtype in csrc/op_common.h, states the same rule for the output tensor.)
+template <class S> struct GradStorage { using type = S; };
+template <> struct GradStorage<f16_bits> { using type = float; };
+template <class S> using grad_storage_t = typename GradStorage<S>::type;
+
+// max that keeps NaN (an IEEE comparison would drop it).
+template <class A> KD_HD A nan_max(A x, A y) { return (x > y || x != x) ? x : y; }
+
+// ---- step 1: the exps of one element, relative to a part's maxima ----
+// The shift of a part's exps: its maximum, or 0 for an all -inf part (masked vocabulary), so
+// those exps are 0 instead of NaN.
+template <class A> KD_HD A part_shift(A part_max) { return part_max == neg_inf<A>() ? A(0) : part_max; }
+
+template <class A> struct Shifts { A a, b, s; };  // subtracted from s/T, t/T and s
+// max(s/T) is max(s)/T exactly: multiplying by 1/T > 0 is monotone in IEEE rounding.
+template <class A> KD_HD Shifts<A> shifts_of(A max_s, A max_t, A inv_t) {
+  const A sh_s = part_shift(max_s);
+  return Shifts<A>{sh_s * inv_t, part_shift(max_t) * inv_t, sh_s};
+}
+
+// How softmax(s) (the hard term) gets its exps, fixed per call:
+//   squarings 1 or 2 (T == 2 or 4): s/T - max(s)/T is exactly (s - max s)/T (1/T is a power of
+//     two), so exp(s - max s) is e_a squared once or twice (2-5 ulp), no exp;
+//   separate: an exp of its own (T not 1, 2 or 4, with a hard term);
+//   else e_a itself (T == 1: r == q; or no hard term: a harmless stand-in).
+struct HardExp {
+  int squarings;
+  bool separate;
+};
+KD_HD HardExp hard_exp_mode(const Params& p) {
+  const bool separate = p.hard_coef != 0.0 && !p.same_scale;
+  return HardExp{separate ? p.hard_exp_squarings : 0, separate && p.hard_exp_squarings == 0};
+}
+template <class A> KD_HD A hard_exp(A s, A e_a, A shift_s, HardExp h) {
+  const A ea2 = e_a * e_a;
+  if (h.squarings == 1) return ea2;
+  if (h.squarings == 2) return ea2 * ea2;
+  return h.separate ? exp_nonpos(s - shift_s) : e_a;
+}
+
+// One element's exponent arguments x (logit/T - shift) and exps.
+template <class A> struct ElemExps { A xa, xb, ea, eb, es; };
+template <class A> KD_HD ElemExps<A> elem_exps(A s, A t, A inv_t, Shifts<A> sh, HardExp h) {
+  ElemExps<A> e;
+  e.xa = s * inv_t - sh.a;
+  e.xb = t * inv_t - sh.b;
+  e.ea = exp_nonpos(e.xa);
+  e.eb = exp_nonpos(e.xb);
+  e.es = hard_exp(s, e.ea, sh.s, h);
+  return e;
+}
+
+// The cross sum's term. kl: e_b (x_b - x_a), since log p_k - log q_k = x_b - x_a + log z_a -
+// log z_b, so KL(p||q) = cross / z_b + log z_a - log z_b with nothing large cancelling (huge
+// logits included). reverse_kl: e_a (x_a - x_b), the mirror image. jsd has none (0).
+// weighted: a -inf (masked) entry adds 0.
+// ElemExps by reference: GCC 12 kept the CPU's exp loops scalar (5x slower) when this took it
+// by value.
+template <int32_t Kind, class A> KD_HD A cross_term(const ElemExps<A>& e) {
+  if constexpr (Kind == KIND_KL) {
+    return weighted(e.eb, e.xb - e.xa);
+  } else if constexpr (Kind == KIND_REVERSE_KL) {
+    return weighted(e.ea, e.xa - e.xb);
+  } else {
+    return A(0);
+  }
+}
+
+template <class A> KD_HD A cross_term(int32_t kind, const ElemExps<A>& e) {
+  return kind == KIND_KL ? cross_term<KIND_KL>(e) : kind == KIND_REVERSE_KL ? cross_term<KIND_REVERSE_KL>(e) : A(0);
+}
+
+// Statistics of a part of a row: maxima of the raw logits, exp sums relative to
+// shifts_of(max_s, max_t), the cross sum in the same frame, and the logit sum.
+template <class A> struct PartStats {
+  A max_s, max_t;
+  A z_a, z_b, z_s;
+  A cross;
+  A sum_s;
+};
+template <class A> KD_HD PartStats<A> empty_part() {
+  return PartStats<A>{neg_inf<A>(), neg_inf<A>(), A(0), A(0), A(0), A(0), A(0)};
+}
+// Adds one element's exps (computed against this part's shifts).
+template <class A>
+KD_HD void add_element(PartStats<A>& p, int32_t kind, const ElemExps<A>& e, A s, bool need_sum) {
+  p.z_a += e.ea;
+  p.z_b += e.eb;
+  p.z_s += e.es;
+  p.cross += cross_term(kind, e);
+  if (need_sum) p.sum_s += s;
+}
+
+// ---- step 2: online rescaling ----
+// A part's sums seen from larger reference maxima (max_s, max_t): each exp gains the factor
+// r = exp(d), d = part shift/T - reference/T (r_s for softmax(s), d relative to s), and each
+// x of the cross sum shifts by d. An empty or all -inf part gets r = 0 (its sums are 0); an
+// all -inf row makes its normalizers 0 and the loss NaN, as softmax of it is.
+template <class A> struct Scales { A r_a, r_b, r_s, d_a, d_b; };
+template <class A>
+KD_HD Scales<A> part_scales(A part_max_s, A part_max_t, A max_s, A max_t, A inv_t, HardExp h) {
+  Scales<A> sc;
+  const bool no_s = part_max_s == neg_inf<A>(), no_t = part_max_t == neg_inf<A>();
+  sc.d_a = no_s ? A(0) : part_max_s * inv_t - max_s * inv_t;
+  sc.d_b = no_t ? A(0) : part_max_t * inv_t - max_t * inv_t;
+  sc.r_a = no_s ? A(0) : exp_nonpos(sc.d_a);
+  sc.r_b = no_t ? A(0) : exp_nonpos(sc.d_b);
+  const A r_a2 = sc.r_a * sc.r_a;
+  sc.r_s = h.squarings == 1 ? r_a2
+         : h.squarings == 2 ? r_a2 * r_a2
+         : h.separate ? (no_s ? A(0) : exp_nonpos(part_max_s - max_s)) : sc.r_a;
+  return sc;
+}
+// The part's cross sum in the reference frame: sum e r (x + d_w - d_o) over its elements.
+template <class A> KD_HD A rescaled_cross(int32_t kind, const PartStats<A>& p, Scales<A> sc) {
+  if (kind == KIND_KL) return weighted(sc.r_b, p.cross) + weighted(sc.r_b * p.z_b, sc.d_b - sc.d_a);
+  if (kind == KIND_REVERSE_KL) return weighted(sc.r_a, p.cross) + weighted(sc.r_a * p.z_a, sc.d_a - sc.d_b);
+  return A(0);
+}
+// total += part, rescaled (total's maxima are the reference).
+template <class A> KD_HD void add_scaled(PartStats<A>& total, const PartStats<A>& p, Scales<A> sc, int32_t kind) {
+  total.z_a += sc.r_a * p.z_a;
+  total.z_b += sc.r_b * p.z_b;
+  total.z_s += sc.r_s * p.z_s;
+  total.cross += rescaled_cross(kind, p, sc);
+  total.sum_s += p.sum_s;
+}
+// The union of two parts. Bitwise commutative (each side's contribution depends only on itself
+// and the common maxima, and IEEE addition commutes), so every lane of a butterfly all-reduce
+// ends with the same value.
+template <class A>
+KD_HD PartStats<A> merge_parts(const PartStats<A>& x, const PartStats<A>& y, A inv_t, HardExp h, int32_t kind) {
+  PartStats<A> m = empty_part<A>();
+  m.max_s = nan_max(x.max_s, y.max_s);
+  m.max_t = nan_max(x.max_t, y.max_t);
+  m.sum_s = A(0);
+  add_scaled(m, x, part_scales(x.max_s, x.max_t, m.max_s, m.max_t, inv_t, h), kind);
+  add_scaled(m, y, part_scales(y.max_s, y.max_t, m.max_s, m.max_t, inv_t, h), kind);
+  return m;
+}
+// p with its maxima raised to (max_s, max_t) (an online update before adding larger elements).
+template <class A>
+KD_HD PartStats<A> raise_part(const PartStats<A>& p, A max_s, A max_t, A inv_t, HardExp h, int32_t kind) {
+  PartStats<A> m = empty_part<A>();
+  m.max_s = max_s;
+  m.max_t = max_t;
+  add_scaled(m, p, part_scales(p.max_s, p.max_t, max_s, max_t, inv_t, h), kind);
+  return m;
+}
+
+// The row's normalizers as seen by exps stashed relative to a part's shifts (the CPU keeps its
+// chunks' exps and folds the chunk's scales in here instead of rewriting them).
+template <class A> KD_HD RowNorm<A> part_norm(RowNorm<A> n, Scales<A> sc) {
+  n.inv_za *= sc.r_a;
+  n.inv_zb *= sc.r_b;
+  n.inv_zs *= sc.r_s;
+  return n;
+}
+
+// ---- step 3: the row's soft loss ----
+// kl: KL(p||q) = cross / z_b + log z_a - log z_b; reverse_kl: KL(q||p) = cross / z_a + log z_b
+// - log z_a (both in the frame of the row maxima, see cross_term).
+template <class A> KD_HD A soft_from_cross(int32_t kind, A cross, A z_a, A z_b) {
+  if (kind == KIND_KL) return cross / z_b + (kd_log(z_a) - kd_log(z_b));
+  return cross / z_a + (kd_log(z_b) - kd_log(z_a));
+}
+
+// jsd's per-element terms (in log space): p_k (log p_k - log m_k), q_k (log q_k - log m_k),
+// and the gradient's ratio log q_k - log m_k. p_k, q_k come as exps times the normalizers'
+// inverses the caller holds (chunk_norm on the CPU).
+template <class A> struct JsdTerms { A pm, qm, ratio; };
+template <class A>
+KD_HD JsdTerms<A> jsd_terms(A s, A t, A e_a, A e_b, RowNorm<A> n, A log_beta, A log1m_beta) {
+  const A log_p = t * n.inv_t - n.lse_b;
+  const A log_q = s * n.inv_t - n.lse_a;
+  const A log_m = log_mixture(log_p, log_q, log_beta, log1m_beta);
+  JsdTerms<A> j;
+  j.pm = weighted(e_b * n.inv_zb, log_p - log_m);
+  j.qm = weighted(e_a * n.inv_za, log_q - log_m);
+  j.ratio = log_q - log_m;
+  return j;
+}
+// jsd = beta KL(p||m) + (1-beta) KL(q||m).
+template <class A> KD_HD A jsd_soft(A kl_pm, A kl_qm, A beta) { return beta * kl_pm + (A(1) - beta) * kl_qm; }
+// reverse_kl's gradient ratio log q_k - log p_k, from the raw logits.
+template <class A> KD_HD A reverse_kl_ratio(A s, A t, RowNorm<A> n) { return -log_ratio_pq(s, t, n); }
+
+// ---- step 4: the gradient ----
+// Per-call coefficients of d loss_i / d s_k.
+template <class A> struct GradCoefs {
+  A soft_g;      // soft_coef / T (times the row weight)
+  A hard_g;      // hard_coef (times the row weight)
+  A eps_over_c;  // label smoothing's uniform part
+  A one_m_eps;   // the one-hot part at the label
+  A mode_weight; // reverse_kl 1, jsd 1 - beta
+};
+template <class A> KD_HD GradCoefs<A> grad_coefs(const Params& p, int64_t n_cols, A row_weight) {
+  GradCoefs<A> g;
+  g.soft_g = static_cast<A>(p.soft_grad_coef) * row_weight;
+  g.hard_g = static_cast<A>(p.hard_coef) * row_weight;
+  g.eps_over_c = static_cast<A>(p.smoothing) / static_cast<A>(n_cols);
+  g.one_m_eps = A(1) - static_cast<A>(p.smoothing);
+  g.mode_weight = p.kind == KIND_JSD ? A(1) - static_cast<A>(p.beta) : A(1);
+  return g;
+}
+// The hard part: hard_g (r_k - eps/C), and at the label minus the one-hot (1 - eps) (taken
+// from r_y - eps/C first: no cancellation against the soft part when r_y is near 1).
+template <class A> KD_HD A hard_grad_part(A e_s, RowNorm<A> n, GradCoefs<A> g, bool at_label) {
+  const A h = hard_grad(e_s, g.eps_over_c, n);
+  return g.hard_g * (at_label ? h - g.one_m_eps : h);
+}
+// kl: soft_g (q_k - p_k) + the hard part.
+template <class A>
+KD_HD A grad_kl_element(A e_a, A e_b, A e_s, RowNorm<A> n, GradCoefs<A> g, bool at_label) {
+  return g.soft_g * soft_grad_kl(e_a, e_b, n) + hard_grad_part(e_s, n, g, at_label);
+}
+// reverse_kl / jsd: soft_g w q_k (ratio_k - row_kl) + the hard part.
+template <class A>
+KD_HD A grad_mode_seeking_element(A e_a, A ratio, A row_kl, A e_s, RowNorm<A> n, GradCoefs<A> g,
+                                  bool at_label) {
+  return g.soft_g * soft_grad_mode_seeking(e_a, ratio, row_kl, g.mode_weight, n) +
+         hard_grad_part(e_s, n, g, at_label);
+}
+// Either kind's element (kl ignores ratio and row_kl; the mode-seeking kinds ignore e_b).
+template <class A>
+KD_HD A grad_element(int32_t kind, A e_a, A e_b, A ratio, A row_kl, A e_s, RowNorm<A> n, GradCoefs<A> g,
+                     bool at_label) {
+  return kind == KIND_KL ? grad_kl_element(e_a, e_b, e_s, n, g, at_label)
+                         : grad_mode_seeking_element(e_a, ratio, row_kl, e_s, n, g, at_label);
 }
 
 }  // namespace math
