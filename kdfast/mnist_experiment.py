@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import kdfast
+from kdfast._io import atomic_write_json
 from kdfast.cache import build_cache, open_cache
-from kdfast.cache.format import atomic_write_json
 from kdfast.data.mnist import load_mnist
 from kdfast.models import jitter, mlp
 from kdfast.train import TrainConfig, evaluate, fit

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from tqdm.auto import tqdm
 
 from kdfast import distributed
+from kdfast._io import atomic_write_bytes, atomic_write_json
 from kdfast.cache.ensemble import check_ensemble, combine_members, teacher_logits
-from kdfast.cache.format import CacheMismatchError, atomic_write_bytes, atomic_write_json
+from kdfast.cache.format import CacheMismatchError
 from kdfast.cache.reader import SoftTargetCache
 from kdfast.module import KDLoss
 
