@@ -515,15 +515,11 @@ def _save_run(ckpt_path: Path, epochs_done: int, run_config: dict, student: nn.M
 
 def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment, epoch,
                  steps, device, progress) -> dict:
+    """Trains one epoch of ``steps`` optimizer steps; returns its record (epoch, mean train
+    loss over every rank's rows, lr, seconds, rows/s)."""
     seed = _epoch_seed(cfg.seed, epoch)
     torch.manual_seed(seed)  # dropout
-    if distributed.is_distributed():
-        sampler = DistributedSampler(data, shuffle=True, seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), dtype=torch.long)
-    else:
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    order = order[: steps * cfg.batch_size]
+    order = _epoch_order(data, cfg, epoch, seed)[: steps * cfg.batch_size]
     aug_gen = torch.Generator().manual_seed(seed + 1)
     student.train()
     total, rows, t0 = 0.0, 0, time.perf_counter()
@@ -533,17 +529,7 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
         x, y, idx = _split(batch, device)
         if augment is not None:
             x = augment(x, aug_gen)
-        out = student(x)
-        if source is None:
-            if y is None:
-                raise ValueError("training without a teacher needs labels: items (input, label)")
-            value = nn.functional.cross_entropy(out, y)
-        else:
-            soft = source(x, idx)
-            if soft.shape[-1] != out.shape[-1]:
-                raise CacheMismatchError(f"teacher rows have C={soft.shape[-1]} classes, the student "
-                                         f"outputs C={out.shape[-1]}")
-            value = loss(out, soft, y)
+        value = _batch_loss(student, x, y, idx, source, loss)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         if cfg.clip_grad_norm is not None:
@@ -563,3 +549,29 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
     seconds = time.perf_counter() - t0
     return {"epoch": epoch + 1, "train_loss": total / max(rows, 1), "lr": optimizer.param_groups[0]["lr"],
             "seconds": seconds, "rows_per_s": rows / seconds if seconds > 0 else 0.0}
+
+
+def _epoch_order(data: Dataset, cfg: TrainConfig, epoch: int, seed: int) -> torch.Tensor:
+    """The row indices of one epoch, shuffled from the epoch's seed (this rank's
+    DistributedSampler share under torch.distributed)."""
+    if distributed.is_distributed():
+        sampler = DistributedSampler(data, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler), dtype=torch.long)
+    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+
+
+def _batch_loss(student: nn.Module, x: torch.Tensor, y: torch.Tensor | None, idx: torch.Tensor,
+                source: LiveTeacher | CachedTeacher | None, loss: KDLoss | None) -> torch.Tensor:
+    """The loss of one batch: cross-entropy on the labels without a teacher, else ``loss``
+    against the teacher's rows."""
+    out = student(x)
+    if source is None:
+        if y is None:
+            raise ValueError("training without a teacher needs labels: items (input, label)")
+        return nn.functional.cross_entropy(out, y)
+    soft = source(x, idx)
+    if soft.shape[-1] != out.shape[-1]:
+        raise CacheMismatchError(f"teacher rows have C={soft.shape[-1]} classes, the student "
+                                 f"outputs C={out.shape[-1]}")
+    return loss(out, soft, y)
