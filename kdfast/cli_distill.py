@@ -128,7 +128,7 @@ def _train_command(args: argparse.Namespace) -> int:
     import kdfast
     from kdfast import distributed
     from kdfast.data import load_dataset
-    from kdfast.models import jitter, mlp, parse_sizes
+    from kdfast.models import build_model, jitter, mlp_spec, parse_sizes
     from kdfast.train import TrainConfig, fit
 
     _set_threads(args.threads)
@@ -150,8 +150,8 @@ def _train_command(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    student = mlp(sizes, dropout=args.dropout, input_dropout=args.input_dropout)
-    spec = {"arch": "mlp", "sizes": sizes, "dropout": args.dropout, "input_dropout": args.input_dropout}
+    spec = mlp_spec(sizes, dropout=args.dropout, input_dropout=args.input_dropout)
+    student = build_model(spec)
     augment = None
     if args.jitter:
         side = int(round(sizes[0] ** 0.5))

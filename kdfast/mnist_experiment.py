@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import kdfast
+from kdfast._io import atomic_write_json
 from kdfast.cache import build_cache, open_cache
-from kdfast.cache.format import atomic_write_json
 from kdfast.data.mnist import load_mnist
-from kdfast.models import jitter, mlp
+from kdfast.models import build_model, jitter, mlp, mlp_spec
 from kdfast.train import TrainConfig, evaluate, fit
 
 PAPER_ERRORS = {"teacher": 67, "student_hard": 146, "student_distilled": 74}
@@ -80,8 +80,8 @@ def _train_model(name, sizes, train, test, out, *, dropout=0.0, input_dropout=0.
                  batch_size, warmup, seed, clip=None, teacher=None, loss=None, augment=None,
                  progress=True):
     torch.manual_seed(seed)  # same initial weights for the same seed and sizes
-    model = mlp(sizes, dropout=dropout, input_dropout=input_dropout)
-    spec = {"arch": "mlp", "sizes": list(sizes), "dropout": dropout, "input_dropout": input_dropout}
+    spec = mlp_spec(sizes, dropout=dropout, input_dropout=input_dropout)
+    model = build_model(spec)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       warmup_epochs=min(warmup, epochs), clip_grad_norm=clip)
     result = fit(model, train, teacher=teacher, loss=loss, config=cfg, eval_data=test, augment=augment,

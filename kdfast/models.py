@@ -8,6 +8,14 @@ import torch
 from torch import nn
 
 
+def _check_mlp_args(sizes: list[int], dropout: float, input_dropout: float) -> None:
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must be >= 2 positive widths (input ... classes), got {sizes}")
+    for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+
 def mlp(sizes: Sequence[int], dropout: float = 0.0, input_dropout: float = 0.0) -> nn.Sequential:
     """A ReLU MLP ``sizes[0] -> ... -> sizes[-1]`` (logits, no softmax).
 
@@ -17,11 +25,7 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0, input_dropout: float = 0.0) 
         input_dropout: dropout probability on the inputs.
     """
     sizes = [int(s) for s in sizes]
-    if len(sizes) < 2 or min(sizes) < 1:
-        raise ValueError(f"sizes must be >= 2 positive widths (input ... classes), got {sizes}")
-    for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {p}")
+    _check_mlp_args(sizes, dropout, input_dropout)
     layers: list[nn.Module] = [nn.Flatten()]
     if input_dropout:
         layers.append(nn.Dropout(input_dropout))
@@ -32,6 +36,15 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0, input_dropout: float = 0.0) 
             if dropout:
                 layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
+
+
+def mlp_spec(sizes: Sequence[int], dropout: float = 0.0, input_dropout: float = 0.0) -> dict:
+    """The JSON-able spec of ``mlp(sizes, dropout, input_dropout)``, as stored in checkpoints:
+    ``build_model(mlp_spec(...))`` builds that MLP (the CLI and the MNIST experiment both
+    make their models this way, so a checkpoint can always rebuild them)."""
+    sizes = [int(s) for s in sizes]
+    _check_mlp_args(sizes, dropout, input_dropout)
+    return {"arch": "mlp", "sizes": sizes, "dropout": dropout, "input_dropout": input_dropout}
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -104,25 +104,43 @@ def eager_baseline(
     alpha: float = 0.5,
     kind: str = "kl",
     beta: float = 0.5,
+    label_smoothing: float = 0.0,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
-    """The loss as commonly written with torch.nn.functional (2-D inputs, mean reduction).
+    """The loss as commonly written with torch.nn.functional (2-D inputs, mean reduction,
+    soft term scaled by T**2).
 
     ``F.kl_div(log_softmax(s/T), softmax(t/T), "batchmean") * T**2 + F.cross_entropy``; jsd
-    through the log-space mixture. No padding rows, no label smoothing: the benchmark shape.
+    through the log-space mixture; ``label_smoothing`` goes to ``F.cross_entropy``. With the
+    default ``ignore_index=None`` every row counts: the benchmark shape. An int marks padding
+    rows: the soft term is then averaged per row over the counted rows (as
+    ``F.cross_entropy(ignore_index=...)`` does for the hard term); if no row counts, the
+    result is NaN (0/0), where :func:`distillation_loss` returns 0.
     """
     T = temperature
     log_q = F.log_softmax(student_logits / T, dim=-1)
     log_p = F.log_softmax(teacher_logits / T, dim=-1)
-    if kind == "kl":
-        soft = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    elif kind == "reverse_kl":
-        soft = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+    if target is None or ignore_index is None:
+        soft = _eager_soft(log_p, log_q, kind, beta, "batchmean")
     else:
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        soft = beta * F.kl_div(log_m, log_p, reduction="batchmean", log_target=True) + (
-            1 - beta
-        ) * F.kl_div(log_m, log_q, reduction="batchmean", log_target=True)
+        counted = (target != ignore_index).to(log_q.dtype)
+        soft = (_eager_soft(log_p, log_q, kind, beta, "none").sum(-1) * counted).sum() / counted.sum()
     soft = soft * T * T
     if target is None:
         return soft
-    return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, target)
+    hard = F.cross_entropy(student_logits, target, label_smoothing=label_smoothing,
+                           ignore_index=-100 if ignore_index is None else ignore_index)
+    return alpha * soft + (1 - alpha) * hard
+
+
+def _eager_soft(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float, reduction: str
+                ) -> torch.Tensor:
+    """The soft term with ``F.kl_div`` (log-space targets): KL(p||q), KL(q||p) or jsd."""
+    if kind == "kl":
+        return F.kl_div(log_q, log_p, reduction=reduction, log_target=True)
+    if kind == "reverse_kl":
+        return F.kl_div(log_p, log_q, reduction=reduction, log_target=True)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * F.kl_div(log_m, log_p, reduction=reduction, log_target=True) + (
+        1 - beta
+    ) * F.kl_div(log_m, log_q, reduction=reduction, log_target=True)

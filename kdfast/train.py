@@ -9,10 +9,11 @@ run resumed from its checkpoint continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from tqdm.auto import tqdm
 
 from kdfast import distributed
+from kdfast._io import atomic_write_bytes, atomic_write_json
 from kdfast.cache.ensemble import check_ensemble, combine_members, teacher_logits
-from kdfast.cache.format import CacheMismatchError, atomic_write_bytes, atomic_write_json
+from kdfast.cache.format import CacheMismatchError
 from kdfast.cache.reader import SoftTargetCache
 from kdfast.module import KDLoss
 
@@ -301,7 +303,10 @@ def fit(
         augment: ``augment(x, generator) -> x`` applied to training inputs (e.g. jitter).
             Not allowed with a cache, whose rows belong to the un-augmented inputs.
         out_dir: where ``checkpoint.pt`` (each epoch, atomic) and ``metrics.json`` go.
-        resume: continue from ``out_dir/checkpoint.pt`` if present (same config required).
+        resume: continue from ``out_dir/checkpoint.pt`` if present. The run configuration
+            must be the same: train config, teacher, the loss's whole ``loss.config()`` (its
+            temperature, alpha, label smoothing, beta, T**2 scaling, ...), model spec; a
+            difference is refused with an error naming the differing keys.
         model_spec: JSON-able spec stored in the checkpoint so :func:`load_checkpoint` can
             rebuild the model (see :func:`kdfast.models.build_model`).
         name: label for the progress bar and the log.
@@ -315,40 +320,96 @@ def fit(
     rank resumes from it, and the checkpoint records K (resuming with another K is refused).
     """
     cfg = config or TrainConfig()
-    if teacher is None and loss is not None:
-        raise ValueError("loss is the distillation loss and needs a teacher; without one, fit "
-                         "trains on hard labels with cross-entropy")
-    source = as_teacher_source(teacher) if teacher is not None else None
-    if source is not None:
-        loss = loss or KDLoss()
-        if not isinstance(loss, KDLoss):
-            raise TypeError(f"loss must be a kdfast.KDLoss, got {type(loss).__name__}")
-        if augment is not None and isinstance(source, CachedTeacher):
-            raise ValueError("augment cannot be combined with a cached teacher: the cached rows "
-                             "are the teacher's outputs on the un-augmented inputs")
-        source.prepare(train_data, loss)
+    source, loss = _teacher_and_loss(teacher, loss, augment, train_data)
+    world = distributed.world_size()
+    run_config = _run_config(name, cfg, source, loss, augment, model_spec, len(train_data), world)
+    steps_per_epoch = _steps_per_epoch(len(train_data), world, cfg)
+    optimizer = _make_optimizer(student, cfg)
+    scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
+    result = TrainResult()
+    start_epoch = 0
+    ckpt_path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    if ckpt_path is not None:
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and ckpt_path.exists():
+            result.history, start_epoch = _resume(ckpt_path, run_config, student, optimizer, scheduler)
+
+    began = time.perf_counter()
+    main = distributed.is_main()
+    progress = progress and main
     device = next(student.parameters()).device
+    with _data_parallel(student, world, device) as model:
+        epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc=name, unit="epoch", disable=not progress,
+                          initial=start_epoch, total=cfg.epochs, dynamic_ncols=True)
+        for epoch in epochs_bar:
+            record = _train_epoch(model, train_data, source, loss, cfg, optimizer, scheduler,
+                                  augment, epoch, steps_per_epoch, device, progress)
+            if main:  # rank 0 evaluates and writes the checkpoint; the others wait at the barrier
+                _evaluate_epoch(record, student, eval_data, cfg, epochs_bar)
+            result.history.append(record)
+            if main and ckpt_path is not None:
+                _save_run(ckpt_path, epoch + 1, run_config, student, optimizer, scheduler, result.history)
+            distributed.barrier()
+        epochs_bar.close()
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+# ----------------------------------------------------------------------- steps of fit
+def _teacher_and_loss(teacher: TeacherLike | None, loss: KDLoss | None, augment, train_data: Dataset
+                      ) -> tuple[LiveTeacher | CachedTeacher | None, KDLoss | None]:
+    """Checks fit's teacher/loss/augment arguments; returns the prepared teacher source
+    (None: hard labels) and the loss (``KDLoss()`` by default with a teacher)."""
+    if teacher is None:
+        if loss is not None:
+            raise ValueError("loss is the distillation loss and needs a teacher; without one, fit "
+                             "trains on hard labels with cross-entropy")
+        return None, None
+    source = as_teacher_source(teacher)
+    loss = loss or KDLoss()
+    if not isinstance(loss, KDLoss):
+        raise TypeError(f"loss must be a kdfast.KDLoss, got {type(loss).__name__}")
+    if augment is not None and isinstance(source, CachedTeacher):
+        raise ValueError("augment cannot be combined with a cached teacher: the cached rows "
+                         "are the teacher's outputs on the un-augmented inputs")
+    source.prepare(train_data, loss)
+    return source, loss
+
+
+def _loss_config(loss: KDLoss) -> dict:
+    """What the run config records of a loss: its type and its whole ``config()``."""
+    return {"type": type(loss).__name__, **loss.config()}
+
+
+def _run_config(name: str, cfg: TrainConfig, source, loss: KDLoss | None, augment, model_spec: dict | None,
+                train_rows: int, world: int) -> dict:
+    """Everything that makes two runs the same run: stored in the checkpoint and the log, and
+    compared on resume."""
     run_config = {
         "name": name, "train": asdict(cfg),
-        "loss": None if source is None else {
-            "temperature": loss.temperature, "alpha": loss.alpha, "kind": loss.kind},
+        "loss": None if source is None else _loss_config(loss),
         "teacher": None if source is None else source.describe(),
         "augment": None if augment is None else getattr(augment, "__name__", repr(augment)),
-        "model_spec": model_spec, "train_rows": len(train_data),
+        "model_spec": model_spec, "train_rows": train_rows,
     }
-    world = distributed.world_size()
     if world > 1:
         # Another process count deals other rows to each rank: a checkpoint is tied to it.
         run_config["world_size"] = world
+    return run_config
 
+
+def _steps_per_epoch(train_rows: int, world: int, cfg: TrainConfig) -> int:
     # Under torch.distributed each rank trains on its DistributedSampler share (drop_last,
     # so every rank runs the same number of steps) with batch_size rows per step; DDP
     # averages the gradients, so one step sees world * batch_size rows.
-    n = len(train_data) // world
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    if cfg.max_batches:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_batches)
-    optimizer = _make_optimizer(student, cfg)
+    rows_per_rank = train_rows // world
+    steps = math.ceil(rows_per_rank / cfg.batch_size)
+    return min(steps, cfg.max_batches) if cfg.max_batches else steps
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: linear warm-up, then cosine decay to 0 (or constant)."""
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 
@@ -358,66 +419,63 @@ def fit(
             return warm
         return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    result = TrainResult()
-    start_epoch = 0
-    ckpt_path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
-    if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt_path.exists():
-            payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            saved = dict(payload.get("run_config") or {})
-            if isinstance(saved.get("train"), dict):
-                # Options added to TrainConfig after the checkpoint was written count as their
-                # defaults (which keep the old behaviour), so old runs still resume.
-                saved["train"] = {**asdict(TrainConfig()), **saved["train"]}
-            if saved != run_config:
-                diff = sorted(k for k in run_config if saved.get(k) != run_config[k])
-                raise ValueError(f"{ckpt_path} was written by a run with another configuration "
-                                 f"(differs in: {', '.join(diff)}); use another out_dir, or "
-                                 "resume=False to start over")
-            student.load_state_dict(payload["state_dict"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
-            result.history = list(payload["history"])
-            start_epoch = payload["epoch"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    began = time.perf_counter()
-    main = distributed.is_main()
-    progress = progress and main
-    model = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda"
-                                                    else None)
-    epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc=name, unit="epoch", disable=not progress,
-                      initial=start_epoch, total=cfg.epochs, dynamic_ncols=True)
-    for epoch in epochs_bar:
-        record = _train_epoch(model, train_data, source, loss, cfg, optimizer, scheduler,
-                              augment, epoch, steps_per_epoch, device, progress)
-        last = epoch + 1 == cfg.epochs
-        if not main:
-            result.history.append(record)
-            distributed.barrier()  # rank 0 evaluates and writes the checkpoint
+
+def _with_new_defaults(saved: dict) -> dict:
+    """A saved run config with the options added since it was written at their defaults
+    (which keep the old behaviour), so old runs still resume: TrainConfig fields, and loss
+    arguments recorded only since the loss's whole ``config()`` is stored."""
+    saved = dict(saved)
+    if isinstance(saved.get("train"), dict):
+        saved["train"] = {**asdict(TrainConfig()), **saved["train"]}
+    if isinstance(saved.get("loss"), dict):
+        saved["loss"] = {**_loss_config(KDLoss()), **saved["loss"]}
+    return saved
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+    """The keys whose values differ, one level deep: ``["loss.beta", "train.batch_size"]``."""
+    differences = []
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
             continue
-        if eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
-            ev = evaluate(student, eval_data)
-            record.update(test_errors=ev["errors"], test_n=ev["n"], test_error_rate=ev["error_rate"],
-                          test_loss=ev["loss"])
-            epochs_bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_err=ev["errors"])
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{key}.{k}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
         else:
-            epochs_bar.set_postfix(loss=f"{record['train_loss']:.4f}")
-        result.history.append(record)
-        if out_dir is not None:
-            save_checkpoint(ckpt_path, {
-                "format": "kdfast-checkpoint", "version": 1, "epoch": epoch + 1,
-                "run_config": run_config, "model_spec": model_spec,
-                "state_dict": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "history": result.history,
-            })
-            atomic_write_json(Path(out_dir) / METRICS, {"config": run_config, "epochs": result.history})
-        distributed.barrier()
-    epochs_bar.close()
-    if model is not student:
+            differences.append(key)
+    return differences
+
+
+def _resume(ckpt_path: Path, run_config: dict, student: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler) -> tuple[list[dict], int]:
+    """Loads the checkpoint's weights and optimizer/scheduler states into the run; returns
+    ``(history, epochs done)``. Refuses a checkpoint written with another run config."""
+    payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    differences = _config_differences(_with_new_defaults(payload.get("run_config") or {}), run_config)
+    if differences:
+        raise ValueError(f"{ckpt_path} was written by a run with another configuration "
+                         f"(differs in: {', '.join(differences)}); use another out_dir, or "
+                         "resume=False to start over")
+    student.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    return list(payload["history"]), payload["epoch"]
+
+
+@contextlib.contextmanager
+def _data_parallel(student: nn.Module, world: int, device: torch.device) -> Iterator[nn.Module]:
+    """Yields the model to train: the student itself, or with K > 1 ranks the student
+    wrapped in DistributedDataParallel, unwrapped again on exit."""
+    if world == 1:
+        yield student
+        return
+    model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda"
+                                                else None)
+    try:
+        yield model
+    finally:
         # DDP's gradient hooks live on the student's parameters and keep its reducer (and the
         # process group) referenced for as long as the caller keeps the student: detach them,
         # or the reducer is torn down at interpreter exit, after the process group, which can
@@ -427,21 +485,41 @@ def fit(
             remove_hooks()
         del model
         gc.collect()  # the wrapper sits in reference cycles: free its reducer now
-    result.seconds = time.perf_counter() - began
-    return result
+
+
+def _evaluate_epoch(record: dict, student: nn.Module, eval_data: Dataset | None, cfg: TrainConfig,
+                    epochs_bar) -> None:
+    """Adds the test metrics to the epoch's record every ``eval_every`` epochs and after the
+    last; shows the loss (and test errors) on the progress bar."""
+    epoch = record["epoch"]
+    if eval_data is None or (epoch % cfg.eval_every != 0 and epoch != cfg.epochs):
+        epochs_bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+        return
+    ev = evaluate(student, eval_data)
+    record.update(test_errors=ev["errors"], test_n=ev["n"], test_error_rate=ev["error_rate"],
+                  test_loss=ev["loss"])
+    epochs_bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_err=ev["errors"])
+
+
+def _save_run(ckpt_path: Path, epochs_done: int, run_config: dict, student: nn.Module,
+              optimizer: torch.optim.Optimizer, scheduler, history: list[dict]) -> None:
+    """Writes the checkpoint and the metrics log next to it (each atomically)."""
+    save_checkpoint(ckpt_path, {
+        "format": "kdfast-checkpoint", "version": 1, "epoch": epochs_done,
+        "run_config": run_config, "model_spec": run_config["model_spec"],
+        "state_dict": student.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "history": history,
+    })
+    atomic_write_json(ckpt_path.parent / METRICS, {"config": run_config, "epochs": history})
 
 
 def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment, epoch,
                  steps, device, progress) -> dict:
+    """Trains one epoch of ``steps`` optimizer steps; returns its record (epoch, mean train
+    loss over every rank's rows, lr, seconds, rows/s)."""
     seed = _epoch_seed(cfg.seed, epoch)
     torch.manual_seed(seed)  # dropout
-    if distributed.is_distributed():
-        sampler = DistributedSampler(data, shuffle=True, seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), dtype=torch.long)
-    else:
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    order = order[: steps * cfg.batch_size]
+    order = _epoch_order(data, cfg, epoch, seed)[: steps * cfg.batch_size]
     aug_gen = torch.Generator().manual_seed(seed + 1)
     student.train()
     total, rows, t0 = 0.0, 0, time.perf_counter()
@@ -451,17 +529,7 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
         x, y, idx = _split(batch, device)
         if augment is not None:
             x = augment(x, aug_gen)
-        out = student(x)
-        if source is None:
-            if y is None:
-                raise ValueError("training without a teacher needs labels: items (input, label)")
-            value = nn.functional.cross_entropy(out, y)
-        else:
-            soft = source(x, idx)
-            if soft.shape[-1] != out.shape[-1]:
-                raise CacheMismatchError(f"teacher rows have C={soft.shape[-1]} classes, the student "
-                                         f"outputs C={out.shape[-1]}")
-            value = loss(out, soft, y)
+        value = _batch_loss(student, x, y, idx, source, loss)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         if cfg.clip_grad_norm is not None:
@@ -481,3 +549,29 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
     seconds = time.perf_counter() - t0
     return {"epoch": epoch + 1, "train_loss": total / max(rows, 1), "lr": optimizer.param_groups[0]["lr"],
             "seconds": seconds, "rows_per_s": rows / seconds if seconds > 0 else 0.0}
+
+
+def _epoch_order(data: Dataset, cfg: TrainConfig, epoch: int, seed: int) -> torch.Tensor:
+    """The row indices of one epoch, shuffled from the epoch's seed (this rank's
+    DistributedSampler share under torch.distributed)."""
+    if distributed.is_distributed():
+        sampler = DistributedSampler(data, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler), dtype=torch.long)
+    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+
+
+def _batch_loss(student: nn.Module, x: torch.Tensor, y: torch.Tensor | None, idx: torch.Tensor,
+                source: LiveTeacher | CachedTeacher | None, loss: KDLoss | None) -> torch.Tensor:
+    """The loss of one batch: cross-entropy on the labels without a teacher, else ``loss``
+    against the teacher's rows."""
+    out = student(x)
+    if source is None:
+        if y is None:
+            raise ValueError("training without a teacher needs labels: items (input, label)")
+        return nn.functional.cross_entropy(out, y)
+    soft = source(x, idx)
+    if soft.shape[-1] != out.shape[-1]:
+        raise CacheMismatchError(f"teacher rows have C={soft.shape[-1]} classes, the student "
+                                 f"outputs C={out.shape[-1]}")
+    return loss(out, soft, y)

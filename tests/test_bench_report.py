@@ -14,6 +14,7 @@ from kdfast.bench.providers import PROVIDERS
 pytestmark = pytest.mark.skipif(not kdfast.HAS_EXTENSION, reason="needs the compiled kernels")
 
 
+@pytest.mark.slow  # torch.compile of the baseline; the fast subset runs the providers in test_reference
 def test_report_on_a_tiny_grid(tmp_path):
     from kdfast.bench.report import run_report
 

@@ -62,7 +62,9 @@ def test_train_cache_verify_and_distill_on_digits(tmp_path, capsys):
                        "--temperature", 4, "--epochs", 2, "--out", student_dir, "--quiet")
     assert code == 0
     log = json.loads((student_dir / "metrics.json").read_text())
-    assert log["config"]["loss"] == {"temperature": 4.0, "alpha": 0.9, "kind": "kl"}
+    assert log["config"]["loss"] == {"type": "KDLoss", "temperature": 4.0, "alpha": 0.9, "kind": "kl",
+                                     "beta": 0.5, "ignore_index": -100, "label_smoothing": 0.0,
+                                     "reduction": "mean", "scale_by_t2": True, "inplace": False}
     assert log["config"]["teacher"].startswith("cache ")
 
     # A flipped byte: verify exits 1 with a one-line reason naming the shard.

@@ -94,6 +94,7 @@ def test_two_process_build_is_byte_identical(tmp_path, script, single):
     assert sorted(dir_bytes(out)) == sorted(dir_bytes(single))
 
 
+@pytest.mark.slow
 def test_killed_rank_resumes_to_identical_bytes(tmp_path, script, single):
     out = tmp_path / "cache"
     proc = subprocess.Popen(_torchrun(2, str(script), str(out)), env=_env(SLOW="1"),
@@ -121,7 +122,9 @@ def test_killed_rank_resumes_to_identical_bytes(tmp_path, script, single):
     assert dir_bytes(out) == dir_bytes(single)
 
 
-@pytest.mark.parametrize("kill_after_shards", [0, 1, 3])
+# The fast subset (-m "not slow") keeps the kill before the first shard.
+@pytest.mark.parametrize("kill_after_shards", [0, pytest.param(1, marks=pytest.mark.slow),
+                                               pytest.param(3, marks=pytest.mark.slow)])
 def test_single_process_killed_at_several_points_resumes_identically(tmp_path, script, single,
                                                                      kill_after_shards):
     out = tmp_path / "cache"
@@ -149,6 +152,7 @@ def test_single_process_killed_at_several_points_resumes_identically(tmp_path, s
     assert dir_bytes(out) == dir_bytes(single)
 
 
+@pytest.mark.slow
 def test_a_second_concurrent_build_is_refused(tmp_path, script, single):
     out = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, str(script), str(out)], env=_env(SLOW="1"),
@@ -270,6 +274,7 @@ def _kill_after_first_checkpoint(cmd: list[str], run: Path, pid_file: str) -> No
     assert 1 <= epochs < 4, f"killed after {epochs} of 4 epochs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_training_killed_and_resumed_ends_bit_identical(tmp_path, train_script, digits_cache, nproc):
     def command(run: Path) -> list[str]:
@@ -304,6 +309,7 @@ def test_resuming_with_another_process_count_is_refused(tmp_path, train_script, 
     assert "another configuration" in again.stderr and "world_size" in again.stderr
 
 
+@pytest.mark.slow
 def test_cli_cache_build_under_torchrun_equals_one_process(tmp_path):
     """`kdfast cache build` itself under torchrun, with the default shard layout."""
     pytest.importorskip("sklearn")

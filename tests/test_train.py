@@ -151,6 +151,66 @@ def test_checkpoint_from_before_a_new_option_still_resumes(tmp_path, toy):
             out_dir=tmp_path, progress=False)
 
 
+def _distil_one_epoch(out_dir, data, loss, **kw):
+    return fit(student_for(), data, teacher=teacher_for(), loss=loss, out_dir=out_dir, progress=False,
+               config=TrainConfig(epochs=1, batch_size=64), **kw)
+
+
+def test_run_config_records_the_whole_loss_config(tmp_path, toy):
+    loss = kdfast.KDLoss(temperature=2.0, alpha=0.8, kind="jsd", beta=0.3, label_smoothing=0.1,
+                         scale_by_t2=False)
+    _distil_one_epoch(tmp_path, toy, loss)
+    expected = {"type": "KDLoss", **loss.config()}
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["loss"] == expected
+    _, payload = load_checkpoint(tmp_path)
+    assert payload["run_config"]["loss"] == expected
+    assert kdfast.KDLoss(**{k: v for k, v in expected.items() if k != "type"}).config() == loss.config()
+
+
+@pytest.mark.parametrize("change,keys", [
+    ({"label_smoothing": 0.2}, "loss.label_smoothing"),
+    ({"beta": 0.7}, "loss.beta"),
+    ({"scale_by_t2": True}, "loss.scale_by_t2"),
+    ({"ignore_index": -1}, "loss.ignore_index"),
+    ({"reduction": "sum"}, "loss.reduction"),
+    ({"inplace": True}, "loss.inplace"),
+    ({"temperature": 3.0, "alpha": 0.5}, "loss.alpha, loss.temperature"),
+])
+def test_resume_refuses_another_loss_config_naming_the_keys(tmp_path, toy, change, keys):
+    base = dict(temperature=2.0, alpha=0.8, kind="jsd", beta=0.3, label_smoothing=0.1, scale_by_t2=False)
+    _distil_one_epoch(tmp_path, toy, kdfast.KDLoss(**base))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=rf"another configuration \(differs in: {keys}\); use another "
+                       "out_dir, or resume=False"):
+        _distil_one_epoch(tmp_path, toy, kdfast.KDLoss(**{**base, **change}))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # refused before touching anything
+    # The same loss resumes (a finished run: nothing to train); resume=False starts over.
+    assert len(_distil_one_epoch(tmp_path, toy, kdfast.KDLoss(**base)).history) == 1
+    _distil_one_epoch(tmp_path, toy, kdfast.KDLoss(**{**base, **change}), resume=False)
+
+
+def test_checkpoint_from_before_the_whole_loss_config_still_resumes(tmp_path, toy):
+    """Older checkpoints recorded only temperature, alpha and kind: the other arguments count as
+    their defaults, so the same loss resumes and a non-default one is refused."""
+    loss = kdfast.KDLoss(temperature=2.0, alpha=0.8)
+    _distil_one_epoch(tmp_path, toy, loss)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    payload["run_config"]["loss"] = {"temperature": 2.0, "alpha": 0.8, "kind": "kl"}
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
+    assert len(_distil_one_epoch(tmp_path, toy, loss).history) == 1
+    with pytest.raises(ValueError, match=r"differs in: loss\.label_smoothing\)"):
+        _distil_one_epoch(tmp_path, toy, kdfast.KDLoss(temperature=2.0, alpha=0.8, label_smoothing=0.1))
+
+
+def test_resume_names_nested_and_top_level_differences(tmp_path, toy):
+    fit(student_for(), toy, config=TrainConfig(epochs=1, batch_size=64), out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"differs in: name, train\.batch_size, train\.lr\)"):
+        fit(student_for(), toy, config=TrainConfig(epochs=1, batch_size=32, lr=0.2), out_dir=tmp_path,
+            name="other", progress=False)
+    with pytest.raises(ValueError, match=r"differs in: loss, teacher\)"):  # hard labels -> distilled
+        _distil_one_epoch(tmp_path, toy, kdfast.KDLoss())
+
+
 def test_seed_makes_runs_reproducible(toy):
     cfg = TrainConfig(epochs=2, batch_size=32, seed=4)
     a, b = student_for(), student_for()

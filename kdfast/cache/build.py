@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from kdfast import distributed
+from kdfast._io import atomic_write_json
 from kdfast.cache.ensemble import check_ensemble, teacher_logits
 from kdfast.cache.fingerprint import fingerprint_dataset, fingerprint_teachers
 from kdfast.cache.format import (
@@ -26,7 +27,6 @@ from kdfast.cache.format import (
     BuildLock,
     CacheError,
     CacheMismatchError,
-    atomic_write_json,
     dtype_name,
     rank_progress_name,
     read_json,

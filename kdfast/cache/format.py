@@ -1,4 +1,4 @@
-"""The on-disk format of a soft-target cache: names, dtypes, the manifest, atomic writes.
+"""The on-disk format of a soft-target cache: names, dtypes, shards, the manifest.
 
 A cache is one directory::
 
@@ -11,6 +11,7 @@ fixed width, C-contiguous, so a reader memory-maps them and hands out rows witho
 numpy has no bfloat16, so a bfloat16 shard stores the raw bits as ``<u2`` and the manifest's
 ``dtype`` says how to view them. Shards are named by their row range and cover [0, N) in
 order; a later multi-process build writes disjoint ranges and merges the shard lists.
+Every file is written atomically (:mod:`kdfast._io`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from kdfast._io import atomic_write_bytes
 
 FORMAT_NAME = "kdfast-soft-targets"
 FORMAT_VERSION = 1
@@ -84,34 +87,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is flushed (POSIX).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Writes ``path`` through ``write(fileobj)`` into a temp file, fsyncs, then renames it
-    into place: readers and a resumed build see either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def rank_progress_name(rank: int) -> str:
     return f"progress.rank-{rank:05d}.json"
 
@@ -150,12 +125,6 @@ class BuildLock:
                 self.path.unlink(missing_ok=True)
             os.close(self._fd)  # releases the flock
             self._fd = None
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically writes ``obj`` as sorted, indented JSON (deterministic bytes)."""
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def save_shard(path: Path, rows: torch.Tensor) -> str:
