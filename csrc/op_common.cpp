@@ -174,6 +174,17 @@ PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor
   return out;
 }
 
+void assert_targets_in_range_async(const PreparedInputs& in) {
+  if (!in.target.defined() || in.n_rows == 0) return;
+  const at::Tensor& y = in.target;
+  const at::Tensor in_range = y.ge(0).logical_and_(y.lt(in.n_cols));
+  const at::Tensor all_valid = in_range.logical_or_(y.eq(in.params.ignore_index)).all();
+  // The message is fixed when queued: which target is bad is known only on the device.
+  at::_assert_async(all_valid, c10::str("kdfast: target is out of range: expected class indices "
+                                        "in [0, ", in.n_cols, ") or ignore_index=",
+                                        in.params.ignore_index));
+}
+
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (options.device().is_cpu()) return cpu::pooled_empty(sizes, options);
   return at::empty(sizes, options);
