@@ -30,6 +30,14 @@ PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor
                               int64_t ignore_index, double label_smoothing, bool scale_by_t2,
                               bool inplace);
 
+// For CUDA in-place calls: call it in csrc/cuda/distill.cu after prepare_inputs and before
+// the kernel launch. Queues on the current stream a device-side assert that every target is
+// in [0, C) or ignore_index (no host sync), so a bad target stops the stream before any
+// gradient overwrites the student, instead of tripping the kernel's own assert after other
+// rows were written. Does nothing without a target. Device-generic: on the CPU it raises at
+// once (the CPU op validates its targets itself before writing, so it need not call this).
+void assert_targets_in_range_async(const PreparedInputs& in);
+
 // float32 per-row losses, or float64 when the inputs are float64.
 at::ScalarType loss_dtype(const at::Tensor& student);
 // The student's dtype, except float16 -> float32: the unnormalized per-row gradient (entries

@@ -60,7 +60,13 @@ def distillation_loss(
         scale_by_t2: multiply the soft term by T**2, default True.
         inplace: write the gradient into ``student_logits``' buffer during forward (saves one
             N x C buffer; the logits' values are destroyed). float32/bfloat16/float64 only,
-            eager mode only.
+            eager mode only. The student must have memory of its own: an ``expand()``ed one,
+            or one sharing memory with ``teacher_logits`` or ``target``, raises ValueError.
+            A leaf student (``logits.detach().requires_grad_()``) whose ``.grad`` is None gets
+            as ``.grad`` its own buffer, without a copy: the leaf then holds the gradient too,
+            and a later in-place change of either changes both (an existing ``.grad`` is added
+            to as usual). Another ``inplace=True`` call on a leaf whose ``.grad`` is its
+            buffer raises: set ``.grad = None`` first.
 
     Returns:
         The loss, float32 (float64 for float64 inputs): accumulated in float32 whatever the
@@ -93,6 +99,7 @@ def distillation_loss(
     args = (teacher, flat_target, float(temperature), float(alpha), kind, float(beta),
             int(ignore_index), float(label_smoothing), bool(scale_by_t2))
     if inplace:
+        check_inplace_memory(student_logits, teacher_logits, target)
         # The kernel needs unit stride along C. A copy (here or in reshape) still gets the
         # gradient right, through the copy's backward; it only loses the memory saving.
         if student.stride(-1) != 1 and n_cols > 1:
@@ -107,6 +114,64 @@ def distillation_loss(
     if reduction == "none":
         return loss_rows.reshape(batch_shape)
     return loss_rows.sum()
+
+
+def check_inplace_memory(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None
+) -> None:
+    """inplace=True writes the gradient over ``student_logits``: refuses a student whose
+    elements share memory with each other (expand()), with ``teacher_logits`` or ``target``,
+    or with its own ``.grad`` (left by an earlier in-place backward on a leaf).
+
+    Checked on the caller's tensors, before a reshape or a unit-stride copy could hide the
+    sharing from the op (which checks the tensors it gets too, row by row, exactly). Here any
+    intersection of the address ranges counts, so two disjoint interleaved slices of one
+    buffer are refused as well.
+    """
+    if not is_eager(student_logits):
+        return  # in-place mode is eager-only; fake tensors have no addresses
+    broadcast = [dim for dim, (size, stride) in enumerate(zip(student_logits.shape,
+                                                              student_logits.stride(), strict=True))
+                 if stride == 0 and size > 1]
+    if broadcast:
+        raise ValueError(
+            f"inplace=True needs student_logits whose elements do not share memory, got strides "
+            f"{student_logits.stride()} for shape {tuple(student_logits.shape)} (stride 0 in dim "
+            f"{broadcast[0]}: from expand() or broadcasting); the gradients of all those "
+            "elements would be written to the same memory. Pass student_logits.contiguous() or "
+            "use inplace=False"
+        )
+    for name, other in (("teacher_logits", teacher_logits), ("target", target)):
+        if other is not None and _address_ranges_meet(student_logits, other):
+            raise ValueError(
+                f"inplace=True writes the gradient over student_logits, but {name} shares memory "
+                f"with it (the same tensor, or views of one buffer): expected separate buffers. "
+                f"Pass {name}.clone() or use inplace=False"
+            )
+    grad = student_logits.grad if student_logits.is_leaf else None
+    if grad is not None and _address_ranges_meet(student_logits, grad):
+        raise ValueError(
+            "inplace=True would overwrite student_logits.grad, which is student_logits' own "
+            "buffer (an earlier inplace=True backward made it so): expected a .grad of its own. "
+            "Set student_logits.grad = None (after using it) first, or use inplace=False"
+        )
+
+
+def _address_ranges_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two plain tensors lie in one storage with intersecting address ranges."""
+    if type(b) is not torch.Tensor or a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    storage = a.untyped_storage().data_ptr()
+    if storage == 0 or storage != b.untyped_storage().data_ptr():
+        return False
+    a_begin, a_end = _address_range(a)
+    b_begin, b_end = _address_range(b)
+    return a_begin < b_end and b_begin < a_end
+
+
+def _address_range(t: torch.Tensor) -> tuple[int, int]:
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 class DistillationLossFunction(torch.autograd.Function):

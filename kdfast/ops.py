@@ -19,14 +19,15 @@ ignore_index, label_smoothing, scale_by_t2, compute_grad, average_rows=False)
 
 The autograd formula is the chain rule through the row losses: d student = grad *
 grad_loss_rows[:, None], computed in float32 (or float64) and rounded once into the
-student's dtype. In eager mode the first backward does this in ``grad``'s own buffer (nothing
-at all when every row's scale is 1) and returns that buffer, which autograd adopts as
-``.grad`` without a copy: no second N x C buffer. A later backward through the same graph
-(retain_graph=True) recomputes ``grad`` from the saved inputs. Under torch.compile the product
-goes to a fresh buffer (``torch.ops.kdfast.scale_rows``), as functional graphs require.
-In eager mode kdfast.distillation_loss calls the kernel through ``EagerDistillFunction``
-(the same semantics without torch.library's per-call Python autograd layers); the registered
-autograd serves torch.compile and direct callers of the op.
+student's dtype. The op's registered autograd (torch.compile, direct callers of the op) writes
+the product to a fresh buffer (``torch.ops.kdfast.scale_rows``): the caller holds ``grad``,
+which backward therefore never changes (and autograd's version check refuses a backward after
+the caller changed it in place). In eager mode kdfast.distillation_loss calls the kernel
+through ``EagerDistillFunction`` instead, whose ``grad`` no caller ever sees: its first
+backward scales that buffer in place (nothing at all when every row's scale is 1) and returns
+it, and autograd adopts it as ``.grad`` without a copy: no second N x C buffer. A later
+backward through the same graph (retain_graph=True) recomputes it from the saved inputs. It
+also skips torch.library's per-call Python autograd layers.
 
 ``torch.ops.kdfast.distill_fwd_inplace(student, ...) -> loss_rows`` writes ``grad`` into
 ``student`` instead (float32/bfloat16/float64 students only); see kdfast.functional.
@@ -111,10 +112,11 @@ if HAS_EXTENSION:
         return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
     def _keep_for_eager_backward(ctx, student, teacher, target, op_args, grad):
-        # The first backward scales the buffer in place and hands it to autograd (which adopts
-        # it as .grad: no second N x C buffer, no second pass when the scale is 1). A later
-        # backward (retain_graph=True) recomputes from the inputs, which autograd checks were
-        # not modified in place. op_args: temperature .. scale_by_t2, average_rows.
+        # Only for a `grad` that no caller holds (EagerDistillFunction): the first backward
+        # scales the buffer in place and hands it to autograd (which adopts it as .grad: no
+        # second N x C buffer, no second pass when the scale is 1). A later backward
+        # (retain_graph=True) recomputes from the inputs, which autograd checks were not
+        # modified in place. op_args: temperature .. scale_by_t2, average_rows.
         ctx.student_dtype = student.dtype
         ctx.grad_buffer = grad
         ctx.save_for_backward(student, teacher, target)
@@ -133,7 +135,7 @@ if HAS_EXTENSION:
         return d_student
 
     def _setup_context(ctx, inputs, output):
-        student, teacher, target = inputs[:3]
+        student = inputs[0]
         _, grad = output
         ctx.student_dtype = student.dtype
         ctx.has_grad = grad.numel() == student.numel()
@@ -141,12 +143,9 @@ if HAS_EXTENSION:
         # and autograd must not materialize an N x C zero tensor as its incoming gradient.
         ctx.mark_non_differentiable(grad)
         ctx.set_materialize_grads(False)
-        ctx.eager = is_eager(grad)
-        if ctx.eager:
-            average = inputs[11] if len(inputs) > 11 else False
-            _keep_for_eager_backward(ctx, student, teacher, target, (*inputs[3:10], average), grad)
-        else:
-            ctx.save_for_backward(grad)
+        # The caller holds `grad` (it is the op's output): backward reads it and writes a
+        # fresh buffer, never scaling it in place.
+        ctx.save_for_backward(grad)
 
     def _backward(ctx, grad_loss_rows, _grad_of_grad):
         if grad_loss_rows is None:
@@ -157,11 +156,8 @@ if HAS_EXTENSION:
                 "or grad mode was off), so there is no gradient to return"
             )
         with torch.no_grad():
-            if ctx.eager:
-                d_student = _eager_grad(ctx, grad_loss_rows)
-            else:
-                (grad,) = ctx.saved_tensors
-                d_student = torch.ops.kdfast.scale_rows(grad, grad_loss_rows, ctx.student_dtype)
+            (grad,) = ctx.saved_tensors
+            d_student = torch.ops.kdfast.scale_rows(grad, grad_loss_rows, ctx.student_dtype)
         # Outside no_grad: with create_graph=True the result must carry the error node.
         return (once_differentiable_output(d_student),) + (None,) * 11
 

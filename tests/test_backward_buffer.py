@@ -46,14 +46,50 @@ def test_average_rows_with_every_row_ignored_is_zero_not_nan():
     assert loss.item() == 0.0
 
 
-def test_gradient_buffer_is_adopted_as_grad_without_a_copy():
+def test_gradient_buffer_is_adopted_as_grad_without_a_copy(monkeypatch):
+    """distillation_loss (EagerDistillFunction) never shows its gradient buffer to the caller,
+    so backward hands that very buffer to autograd as .grad."""
+    addresses = []
+    keep = kdfast.ops._keep_for_eager_backward
+
+    def record_address(ctx, student, teacher, target, op_args, grad):
+        addresses.append(grad.data_ptr())  # the address only: holding grad would force a copy
+        keep(ctx, student, teacher, target, op_args, grad)
+
+    monkeypatch.setattr(kdfast.ops, "_keep_for_eager_backward", record_address)
     s, t, y = _inputs()
     leaf = s.clone().requires_grad_()
-    rows, grad = torch.ops.kdfast.distill_fwd(leaf, t, y, *ARGS, True, True)
-    address = grad.data_ptr()
-    del grad  # otherwise AccumulateGrad must copy (someone else holds the buffer)
-    rows.sum().backward()
-    assert leaf.grad.data_ptr() == address
+    kdfast.distillation_loss(leaf, t, y, temperature=2.0).backward()
+    assert len(addresses) == 1 and leaf.grad.data_ptr() == addresses[0]
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, F64])
+def test_op_called_directly_keeps_its_returned_gradient(dtype, upstream):
+    """A direct caller of the op holds the returned `grad`: backward (grad_output != 1 on the
+    loss rows, or 1) must leave it as it was and put d loss / d student into .grad."""
+    s, t, y = _inputs(dtype)
+    leaf = s.clone().requires_grad_()
+    rows, grad = torch.ops.kdfast.distill_fwd(leaf, t, y, *ARGS, True, False)
+    kept = grad.clone()
+    weights = torch.full_like(rows, upstream)
+    weights[::2] = 3.0
+    rows.backward(weights)
+    assert torch.equal(grad, kept), "backward changed the gradient the op returned"
+    assert leaf.grad.data_ptr() != grad.data_ptr()
+    expected = (kept * weights[:, None]).to(dtype)  # as documented: one rounding into dtype
+    torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
+
+
+def test_op_called_directly_refuses_backward_after_its_gradient_was_changed():
+    """backward reads the returned `grad`: changing it in place first trips the version check
+    instead of scaling the caller's edit into .grad."""
+    s, t, y = _inputs()
+    leaf = s.clone().requires_grad_()
+    rows, grad = torch.ops.kdfast.distill_fwd(leaf, t, y, *ARGS, True, False)
+    grad.zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        rows.sum().backward()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -99,7 +135,7 @@ def test_non_uniform_upstream_scales_rows():
 
 def test_op_called_directly_supports_retain_graph():
     """Direct callers of the op go through its registered autograd (distillation_loss takes a
-    leaner autograd.Function in eager mode): the same hand-over, then recompute."""
+    leaner autograd.Function in eager mode), which reads the returned gradient each time."""
     s, t, y = _inputs()
     leaf = s.clone().requires_grad_()
     rows, grad = torch.ops.kdfast.distill_fwd(leaf, t, y, *ARGS, True, True)

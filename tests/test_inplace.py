@@ -148,3 +148,114 @@ def test_inplace_kdloss_module():
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
     torch.testing.assert_close(g, w.grad, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory the gradient must not be written over: each refusal names the argument, says what
+# is expected, and leaves every input untouched.
+# --------------------------------------------------------------------------------------------
+
+OP_ARGS = (2.0, 0.5, "kl", 0.5, IGNORE, 0.0, True)  # temperature .. scale_by_t2
+
+
+def _op_inplace(student, teacher, target=None):
+    return torch.ops.kdfast.distill_fwd_inplace(student, teacher, target, *OP_ARGS)
+
+
+def _buffer(n=64, c=40, seed=330, dtype=torch.float32):
+    return torch.randn(n, c, generator=gen(seed)).to(dtype)
+
+
+# Each case: () -> (student, teacher, target) passed to the op and to distillation_loss, and a
+# regex the error must match.
+OVERLAP_CASES = {
+    "expanded_rows": (lambda: (_buffer(1).expand(64, 40), _buffer(), None),
+                      r"student_logits whose (rows|elements) do not (overlap in|share) memory.*strides"),
+    "same_tensor": (lambda: (lambda s: (s, s, None))(_buffer()),
+                    r"teacher_logits shares memory with it.*expected separate.*teacher_logits\.clone\(\)"),
+    "vocab_slices_of_one_buffer": (lambda: (lambda b: (b[:, :30], b[:, :30], None))(_buffer(c=50)),
+                                   r"teacher_logits shares memory"),
+    "teacher_shifted_by_one_class": (lambda: (lambda b: (b[:, :20], b[:, 19:39], None))(_buffer()),
+                                     r"teacher_logits shares memory"),
+    "teacher_transposed_view": (lambda: (lambda b: (b, b.t(), None))(_buffer(40)),
+                                r"teacher_logits shares memory"),
+    "target_in_student_memory": (
+        lambda: (lambda b: (b[:, :6], _buffer(8, 6, dtype=F64), b.view(torch.int64)[:, 3].fill_(1)))(
+            torch.zeros(8, 8, dtype=F64)),
+        r"target shares memory with it.*target\.clone\(\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERLAP_CASES))
+@pytest.mark.parametrize("api", ["op", "distillation_loss"])
+def test_inplace_refuses_student_memory_shared_with_anything(case, api):
+    make, pattern = OVERLAP_CASES[case]
+    student, teacher, target = make()
+    saved = [x.clone() if x is not None else None for x in (student, teacher, target)]
+    with pytest.raises(ValueError, match=pattern):
+        if api == "op":
+            _op_inplace(student, teacher, target)
+        else:
+            kdfast.distillation_loss(student, teacher, target, inplace=True)
+    for x, x0 in zip((student, teacher, target), saved, strict=True):
+        if x is not None:
+            assert torch.equal(x, x0), "an input was modified by a call that raised"
+
+
+def test_inplace_expanded_student_of_the_issue_is_refused_not_wrong():
+    """The issue's report: an expanded (64, 1000) student in place returned 5.83 instead of
+    9.45, silently. Out of place the loss is right; in place it must raise."""
+    row = torch.randn(1, 1000, generator=gen(331)) * 4
+    teacher = torch.randn(64, 1000, generator=gen(332)) * 4
+    expected = kdfast.distillation_loss(row.expand(64, 1000).contiguous(), teacher)
+    torch.testing.assert_close(kdfast.distillation_loss(row.expand(64, 1000), teacher), expected,
+                               rtol=0, atol=0)
+    for student in (row.clone().expand(64, 1000), row.clone().expand(4, 16, 1000)):
+        with pytest.raises(ValueError, match=r"inplace=True needs student_logits.*expand\(\)"):
+            kdfast.distillation_loss(student, teacher.reshape(student.shape), inplace=True)
+        with torch.no_grad():
+            with pytest.raises(ValueError, match=r"inplace=True needs student_logits"):
+                kdfast.distillation_loss(student, teacher.reshape(student.shape), inplace=True)
+
+
+def test_inplace_disjoint_slices_of_one_buffer_pass_the_op_check():
+    """The op's check is exact: student and teacher interleaved in one (N, 2C) buffer share
+    no byte, so the op computes them (distillation_loss, which checks address ranges on the
+    caller's N-D tensors, refuses them: tested above through the shifted slice)."""
+    both = _buffer(c=80)
+    expected = torch.ops.kdfast.distill_fwd(both[:, :40], both[:, 40:], None, *OP_ARGS, True)
+    teacher_before = both[:, 40:].clone()
+    rows = _op_inplace(both[:, :40], both[:, 40:])
+    torch.testing.assert_close(rows, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(both[:, :40], expected[1], rtol=0, atol=0)
+    assert torch.equal(both[:, 40:], teacher_before)
+
+
+def test_inplace_leaf_grad_is_its_own_buffer_and_a_second_call_raises():
+    """Documented (README, docstring): a leaf student with .grad None gets its own buffer as
+    .grad, holding the right gradient; a second in-place call would overwrite that .grad, so
+    it raises until .grad is reset."""
+    s, t = _buffer(8, 10, seed=333), _buffer(8, 10, seed=334)
+    reference_leaf = s.clone().requires_grad_()
+    kdfast.distillation_loss(reference_leaf, t).backward()
+    leaf = s.clone().requires_grad_()
+    kdfast.distillation_loss(leaf, t, inplace=True).backward()
+    assert leaf.grad.data_ptr() == leaf.data_ptr()
+    torch.testing.assert_close(leaf.grad, reference_leaf.grad, rtol=0, atol=0)
+    before = leaf.grad.clone()
+    with pytest.raises(ValueError, match=r"overwrite student_logits\.grad.*\.grad = None"):
+        kdfast.distillation_loss(leaf, t, inplace=True)
+    assert torch.equal(leaf.grad, before)
+    leaf.grad = None
+    kdfast.distillation_loss(leaf, t, inplace=True).backward()  # allowed again
+
+
+def test_inplace_leaf_with_an_existing_grad_accumulates():
+    s, t = _buffer(8, 10, seed=335), _buffer(8, 10, seed=336)
+    reference_leaf = s.clone().requires_grad_()
+    kdfast.distillation_loss(reference_leaf, t).backward()
+    leaf = s.clone().requires_grad_()
+    leaf.grad = torch.ones_like(leaf)
+    kdfast.distillation_loss(leaf, t, inplace=True).backward()
+    assert leaf.grad.data_ptr() != leaf.data_ptr()
+    torch.testing.assert_close(leaf.grad, reference_leaf.grad + 1, rtol=0, atol=0)
