@@ -520,3 +520,13 @@ def check_case(
         )
         assert_within(grad, ref_grad, bound, rtol)
     return res
+
+
+# The host simulation of the CUDA rows reports its case count at the end of the run
+# (tests/test_cuda_host_sim.py), so the default test output shows that it ran.
+SIM_SUMMARY = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in config.stash.get(SIM_SUMMARY, []):
+        terminalreporter.write_line(line)

@@ -1,9 +1,8 @@
 // CUDA implementation of kdfast::distill_fwd / distill_fwd_inplace.
 //
-// Same contract and the same per-element math as the CPU op (csrc/cpu/distill.cpp and the row
-// loops in csrc/cpu/rows.h): every formula is a kdfast::math function from kd_math.h, so the
-// CPU tests check the arithmetic these kernels run. The per-row passes are in distill_rows.cuh
-// (written against a thread group, so .ci/cuda_build.sh can also run them on host threads);
+// Same contract and the same per-row steps as the CPU op (csrc/cpu/distill.cpp, csrc/cpu/rows.h):
+// every formula is a kd_math.h function. The per-row passes are in distill_rows.cuh (written
+// against a thread group, so tests/cuda_host_sim.cpp runs them on host threads in every test run);
 // this file has the thread groups, the kernels, the launch choice and the torch op.
 //
 // Work split. A row is processed by a group of threads that cooperates through reductions:
@@ -13,15 +12,17 @@
 //   * C > 1024: one block (128..512 threads) per row, warp shuffles + shared memory between warps.
 // Both loop over rows grid-stride, so any N fits the grid.
 //
-// Passes over the row (as rows.h): 1. max(s), max(t) (+ sum(s) for label smoothing);
-// 2. the exp sums; 3. the soft loss (+ for "kl" the gradient, stored); 4. "reverse_kl"/"jsd" only:
-// the gradient, which needs the finished pass-3 row sum. The CPU stashes the exps of pass 2 in a
-// per-row scratch; a GPU row of 32k-128k classes cannot stay in shared memory, and the kernel is
-// memory-bound with arithmetic headroom, so every pass re-reads s and t (L1/L2 hits for small
-// rows) and recomputes its exps with rows.h's kd_math calls (exp_nonpos, the same polynomial the
-// CPU runs, on the same arguments). Exps per element:
-// pass 2: 2 (3 with a hard term and T != 1); pass 3: kl 2-3 with the gradient, 1 without;
-// reverse_kl 1; jsd 2 + 1 exp/1 log (log-space mixture); pass 4: 1-2 (+ 1 exp/1 log for jsd).
+// Passes over the row (distill_rows.cuh; the steps are kd_math.h's, as on the CPU): 1. each
+// thread's maxima, exp sums and cross sum with online rescaling, merged across the group;
+// kl / reverse_kl have their soft loss from it; 2. jsd only: the sum of its log-mixture terms;
+// last: the gradient, exps recomputed relative to the row maxima. The CPU stashes its exps; a
+// GPU row of 32k-128k classes cannot stay in shared memory, and the kernel is memory-bound with
+// arithmetic headroom, so each pass re-reads s and t: kl and reverse_kl read a row twice (20
+// bytes of HBM traffic per fp32 element with the gradient), jsd three times (28 bytes).
+// Exps per element: pass 1 2-3 (+ about one per vector of rescaling while a thread's maxima
+// still rise); jsd's pass 2: 2 + 1 exp/1 log; the gradient pass: as pass 1 (+ jsd's mixture).
+// Rows use N blocks (one per row) or fewer: small N with large C leaves most SMs idle (splitting
+// a row across blocks is the next step).
 //
 // Loads are vectorized (16 bytes of the wider input per step: 4 x f32, 8 x 16-bit, 2 x f64) when
 // the student and teacher rows share their misalignment, after a scalar head that reaches
@@ -36,7 +37,8 @@
 // is read by rank 0 before the first reduction (a barrier) so no gradient store can precede it.
 //
 // A target outside [0, C) and != ignore_index trips a device-side assert (no host sync), as
-// torch's own cross-entropy does.
+// torch's own cross-entropy does; in place, an asynchronous check of every target is queued
+// before the kernel (assert_targets_in_range_async), so the student is never half overwritten.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -72,57 +74,30 @@ struct SubWarp {
   unsigned mask;
   int width;
   int rank;
+  int lanes;  // == width: the whole group is one warp's lanes, reduced by shuffles alone
 
-  template <int K, int kMaxMask, class A>
-  __device__ __forceinline__ void reduce(A (&v)[K], int /*slot*/) const {
-    for (int offset = width >> 1; offset > 0; offset >>= 1) {
-      A other[K];
-#pragma unroll
-      for (int i = 0; i < K; ++i) other[i] = __shfl_xor_sync(mask, v[i], offset);
-      rows::combine<K, kMaxMask>(v, other);
-    }
-  }
+  template <class A>
+  __device__ __forceinline__ A shfl_xor(A v, int offset) const { return __shfl_xor_sync(mask, v, offset); }
+  __device__ __forceinline__ void barrier() const {}
+  template <class A> __device__ __forceinline__ void smem_store(int, A) const {}
+  template <class A = float> __device__ __forceinline__ A smem_load(int) const { return A(0); }
   // Orders rank 0's read of the label logit before the group's gradient stores (in place).
   __device__ __forceinline__ void sync() const { __syncwarp(mask); }
 };
 
-// The whole block owns one row. `red` holds [3 slots][3 values][32 warps]: each of a row's three
-// reductions has its own slot, so a slot needs no barrier before its next use (the next row's
-// reduction in the same slot comes after the two reductions in between).
+// The whole block owns one row; group_allreduce goes through `red` (kSmemValues) between warps.
 template <class A>
 struct BlockGroup {
   A* red;
   int width;
   int rank;
+  int lanes;  // 32
 
-  template <int K, int kMaxMask>
-  __device__ __forceinline__ void reduce(A (&v)[K], int slot) const {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      A other[K];
-#pragma unroll
-      for (int i = 0; i < K; ++i) other[i] = __shfl_xor_sync(0xffffffffu, v[i], offset);
-      rows::combine<K, kMaxMask>(v, other);
-    }
-    A* buf = red + slot * 3 * 32;
-    const int warp = rank >> 5;
-    if ((rank & 31) == 0) {
-#pragma unroll
-      for (int i = 0; i < K; ++i) buf[i * 32 + warp] = v[i];
-    }
-    __syncthreads();
-    // Every thread combines the per-warp partials in the same order: identical results.
-#pragma unroll
-    for (int i = 0; i < K; ++i) v[i] = buf[i * 32];
-    const int n_warps = width >> 5;
-    for (int w = 1; w < n_warps; ++w) {
-      A other[K];
-#pragma unroll
-      for (int i = 0; i < K; ++i) other[i] = buf[i * 32 + w];
-      rows::combine<K, kMaxMask>(v, other);
-    }
-  }
-  // The pass-2 reduction's __syncthreads already orders the label read before any store.
+  __device__ __forceinline__ A shfl_xor(A v, int offset) const { return __shfl_xor_sync(0xffffffffu, v, offset); }
+  __device__ __forceinline__ void barrier() const { __syncthreads(); }
+  __device__ __forceinline__ void smem_store(int i, A v) const { red[i] = v; }
+  __device__ __forceinline__ A smem_load(int i) const { return red[i]; }
+  // The reduction's __syncthreads already orders the label read before any store.
   __device__ __forceinline__ void sync() const {}
 };
 
@@ -131,22 +106,24 @@ template <class S, class T, class Gd, class A, int V>
 __global__ void __launch_bounds__(kSubWarpBlockThreads) distill_rows_subwarp(const KernelArgs a, int group) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const unsigned mask = group == 32 ? 0xffffffffu : (((1u << group) - 1u) << (lane & ~(group - 1)));
-  const SubWarp grp{mask, group, lane & (group - 1)};
+  const SubWarp grp{mask, group, lane & (group - 1), group};
   const int rows_per_block = static_cast<int>(blockDim.x) / group;
   const int64_t step = static_cast<int64_t>(gridDim.x) * rows_per_block;
+  int parity = 0;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / group;
        row < a.n_rows; row += step) {
-    rows::process_row<S, T, Gd, A, V>(a, row, grp);
+    rows::process_row<S, T, Gd, A, V>(a, row, grp, parity);
   }
 }
 
 // Large C: one block per row (the row-uniform branches keep __syncthreads block-uniform).
 template <class S, class T, class Gd, class A, int V>
 __global__ void __launch_bounds__(kMaxRowBlockThreads) distill_rows_block(const KernelArgs a) {
-  __shared__ A red[3 * 3 * 32];
-  const BlockGroup<A> grp{red, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x)};
+  __shared__ A red[rows::kSmemValues];
+  const BlockGroup<A> grp{red, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), 32};
+  int parity = 0;
   for (int64_t row = blockIdx.x; row < a.n_rows; row += gridDim.x) {
-    rows::process_row<S, T, Gd, A, V>(a, row, grp);
+    rows::process_row<S, T, Gd, A, V>(a, row, grp, parity);
   }
 }
 
@@ -182,8 +159,7 @@ void launch_typed(const KernelArgs& a, cudaStream_t stream) {
 
 template <class S>
 void launch_student(const KernelArgs& a, at::ScalarType teacher, cudaStream_t stream) {
-  // float16 students get a float32 gradient (see grad_dtype in op_common.h).
-  using Gd = typename std::conditional<std::is_same<S, f16_bits>::value, float, S>::type;
+  using Gd = math::grad_storage_t<S>;  // the gradient-dtype rule (kd_math.h)
   switch (teacher) {
     case at::kFloat: return launch_typed<S, float, Gd, float>(a, stream);
     case at::kBFloat16: return launch_typed<S, bf16_bits, Gd, float>(a, stream);
@@ -269,6 +245,8 @@ at::Tensor distill_fwd_inplace_cuda(
                                            scale_by_t2, /*inplace=*/true);
   check_cuda(in);
   const c10::cuda::CUDAGuard guard(in.student.device());
+  // A bad target must stop the stream before the kernel writes any gradient over the student.
+  assert_targets_in_range_async(in);
   return run(in, student_logits, average_rows);
 }
 

@@ -1,11 +1,21 @@
 // The per-row work of the CUDA kernels (csrc/cuda/distill.cu), written against a "group" of
-// threads that owns one row, so the same code runs with a sub-warp, a whole block, or (for the
-// host simulation in .ci/cuda_build.sh, which checks it against the CPU rows without a GPU)
-// host threads. The group type provides: `rank`, `width`, `reduce<K, kMaxMask>(A (&)[K], slot)`
-// (an all-reduce: every member gets the result) and `sync()`.
+// threads that owns one row, so the same code runs with a sub-warp, a whole block, or host
+// threads (tests/cuda_host_sim.cpp, run by the default test suite, checks it against the CPU
+// rows without a GPU). Every formula is a kd_math.h step; this file owns the loops, the
+// element -> thread map and the group reductions (group_allreduce, shared with the
+// simulation, which models shuffles, shared memory and barriers and flags a missing barrier).
 //
-// Every formula is a kdfast::math function (kd_math.h), called exactly as csrc/cpu/rows.h calls
-// it; this file only owns the loops and where the reductions happen.
+// The group type provides: `rank`, `width`, `lanes` (threads per warp of the group: width for a
+// sub-warp, 32 for a block), `shfl_xor(A v, int offset)` within a warp, `barrier()` (whole
+// group; never called by sub-warp groups), and shared memory for the cross-warp step:
+// `smem_store(int index, A v)` / `smem_load(int index)` over kSmemValues values.
+//
+// Reads of each row from global memory: kl and reverse_kl twice (pass 1: maxima, exp sums and
+// the cross sum with online rescaling; pass 2: the gradient, exps recomputed relative to the
+// row maxima), jsd three times (its log mixture needs the finished normalizers: pass 2 sums its
+// terms, pass 3 writes the gradient). Without a gradient: once (kl, reverse_kl) or twice (jsd).
+// HBM traffic per element, fp32 rows with a gradient: kl / reverse_kl 2 x 8 bytes read + 4
+// written = 20 bytes; jsd 28 bytes (rows that fit in L2 read back from it instead).
 #pragma once
 
 #include <stdint.h>
@@ -49,15 +59,8 @@ namespace rows {
 using math::bf16_bits;
 using math::f16_bits;
 
-// ---- element conversions (storage layouts equal at::BFloat16 / at::Half) ----
-KDFAST_DEV float widen(float v) { return v; }
-KDFAST_DEV double widen(double v) { return v; }
-KDFAST_DEV float widen(bf16_bits v) { return math::to_acc_float(v); }
-#if defined(__CUDACC__)
-KDFAST_DEV float widen(f16_bits v) { return __half2float(__ushort_as_half(v.x)); }
-#else
-KDFAST_DEV float widen(f16_bits v) { return math::to_acc_float(v); }
-#endif
+// ---- element conversions (kd_math.h: storage layouts equal at::BFloat16 / at::Half) ----
+template <class A, class X> KDFAST_DEV A widen(X v) { return math::to_acc<A>(v); }
 
 KDFAST_DEV int imin(int x, int y) { return x < y ? x : y; }
 
@@ -109,21 +112,55 @@ KDFAST_DEV int misalignment(const T* p) {
   return static_cast<int>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % V);
 }
 
-// ---- reduction operators ----
-// max that keeps NaN (IEEE comparisons would drop it); -inf entries reduce normally. The CPU's
-// max may drop a NaN, but a NaN element then makes that exp sum NaN, so every output matches.
-template <class A>
-KDFAST_DEV A nan_max(A x, A y) {
-  return (x > y || x != x) ? x : y;
+// ---- group reductions ----
+// Shared-memory values a group needs: 2 alternating slots of 32 warps x kMaxReduceValues.
+constexpr int kMaxReduceValues = 8;
+constexpr int kSmemValues = 2 * 32 * kMaxReduceValues;
+
+// All-reduce of a struct V of A values over the group: a butterfly of shuffles within each
+// warp, then (groups of several warps) the warps' results through shared memory, folded in
+// warp order by every thread. `merge` must be bitwise commutative (kd_math.h merge_parts is),
+// so every lane of a butterfly holds the same value. `parity` (per thread, the same in every
+// thread of the group) alternates the shared-memory slot: a slot is rewritten only after the
+// barrier of the reduction in between, so no barrier is needed after the reads.
+template <class A, class V, class Group, class Merge>
+KDFAST_DEV V group_allreduce(const Group& g, V v, int& parity, Merge merge) {
+  constexpr int K = static_cast<int>(sizeof(V) / sizeof(A));
+  static_assert(K <= kMaxReduceValues, "group_allreduce: too many values");
+  for (int offset = g.lanes >> 1; offset > 0; offset >>= 1) {
+    A mine[K], theirs[K];
+    memcpy(mine, &v, sizeof(V));
+#pragma unroll
+    for (int i = 0; i < K; ++i) theirs[i] = g.shfl_xor(mine[i], offset);
+    V other;
+    memcpy(&other, theirs, sizeof(V));
+    v = merge(v, other);
+  }
+  if (g.width <= g.lanes) return v;
+  const int base = parity * 32 * kMaxReduceValues;
+  parity ^= 1;
+  if (g.rank % g.lanes == 0) {
+    A mine[K];
+    memcpy(mine, &v, sizeof(V));
+    const int warp = g.rank / g.lanes;
+#pragma unroll
+    for (int i = 0; i < K; ++i) g.smem_store(base + warp * kMaxReduceValues + i, mine[i]);
+  }
+  g.barrier();
+  auto load = [&](int warp) {
+    A vals[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) vals[i] = g.smem_load(base + warp * kMaxReduceValues + i);
+    V out;
+    memcpy(&out, vals, sizeof(V));
+    return out;
+  };
+  V acc = load(0);
+  for (int w = 1; w < g.width / g.lanes; ++w) acc = merge(acc, load(w));
+  return acc;
 }
 
-// Combines K partial values; bit i of kMaxMask: value i is a max, else a sum. Both operations
-// are commutative in IEEE arithmetic, so every lane of a butterfly ends with the same value.
-template <int K, int kMaxMask, class A>
-KDFAST_DEV void combine(A (&acc)[K], const A (&other)[K]) {
-#pragma unroll
-  for (int i = 0; i < K; ++i) acc[i] = ((kMaxMask >> i) & 1) ? nan_max(acc[i], other[i]) : acc[i] + other[i];
-}
+template <class A> struct JsdSums { A pm, qm; };
 
 // ---- the element loop of one pass ----
 // Calls f(k, s_k, t_k) for this thread's elements of the row; with kStore, f returns the
@@ -141,8 +178,8 @@ KDFAST_DEV void row_loop(const S* s, const T* t, Gd* gr, int C, int rank, int nt
   const int n_vec = aligned ? (C - head) / V : 0;
 
   auto scalar = [&](int k) {
-    const A sk = static_cast<A>(widen(s[k]));
-    const A tk = static_cast<A>(widen(t[k]));
+    const A sk = widen<A>(s[k]);
+    const A tk = widen<A>(t[k]);
     if constexpr (kStore) {
       math::store_from_acc(gr + k, f(k, sk, tk));
     } else {
@@ -159,7 +196,7 @@ KDFAST_DEV void row_loop(const S* s, const T* t, Gd* gr, int C, int rank, int nt
       Pack<Gd, V> gp;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        math::store_from_acc(&gp.v[j], f(k0 + j, static_cast<A>(widen(sp.v[j])), static_cast<A>(widen(tp.v[j]))));
+        math::store_from_acc(&gp.v[j], f(k0 + j, widen<A>(sp.v[j]), widen<A>(tp.v[j])));
       }
       if (grad_vec) {
         store_pack<Gd, V>(gr + k0, gp);
@@ -174,7 +211,7 @@ KDFAST_DEV void row_loop(const S* s, const T* t, Gd* gr, int C, int rank, int nt
       const Pack<S, V> sp = load_pack<S, V>(s + k0);
       const Pack<T, V> tp = load_pack<T, V>(t + k0);
 #pragma unroll
-      for (int j = 0; j < V; ++j) f(k0 + j, static_cast<A>(widen(sp.v[j])), static_cast<A>(widen(tp.v[j])));
+      for (int j = 0; j < V; ++j) f(k0 + j, widen<A>(sp.v[j]), widen<A>(tp.v[j]));
     }
   }
   for (int k = head + n_vec * V + rank; k < C; k += nthr) scalar(k);
@@ -195,12 +232,12 @@ KDFAST_DEV void zero_row(Gd* gr, int C, int rank, int nthr) {
   for (int k = head + n_vec * V + rank; k < C; k += nthr) gr[k] = zero;
 }
 
-// ---- one row: the passes of rows.h with three group reductions in between ----
+// ---- one row ----
 // S, T: storage types of student and teacher rows; Gd: gradient storage; A: accumulation type;
-// V: elements per vector step. Every row that is not ignored does exactly three reductions
-// (slots 0, 1, 2), whatever the kind and whether a gradient is wanted.
+// V: elements per vector step. Every row that is not ignored does one group reduction (two for
+// jsd), whatever its gradient, so `parity` stays the same in every thread of the group.
 template <class S, class T, class Gd, class A, int V, class Group>
-KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp) {
+KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp, int& parity) {
   using namespace ::kdfast::math;
   const Params& P = a.params;
   const int C = a.n_cols;
@@ -226,113 +263,70 @@ KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp) 
     if (!valid) return;  // not reached on the GPU: the assert stops the kernel
   }
 
+  const int32_t kind = P.kind;
   const bool need_hard = P.hard_coef != 0.0;
-  const bool separate_hard_exp = need_hard && !P.same_scale;
   const bool smooth = need_hard && P.smoothing != 0.0;
+  const HardExp hx = hard_exp_mode(P);
   const A inv_t = static_cast<A>(P.inv_temperature);
-  const A eps = static_cast<A>(P.smoothing);
-  const A eps_over_c = eps / static_cast<A>(C);
   const A weight = a.row_weight != nullptr ? static_cast<A>(*a.row_weight) : A(1);
-  const A soft_g = static_cast<A>(P.soft_grad_coef) * weight;
-  const A hard_g = static_cast<A>(P.hard_coef) * weight;
-  const A one_m_eps = A(1) - eps;
+  const GradCoefs<A> gc = grad_coefs(P, C, weight);
+  const A log_beta = static_cast<A>(P.log_beta), log1m_beta = static_cast<A>(P.log1m_beta);
   // Read before any gradient store: in place, the gradient overwrites the student row. The
-  // reductions below (a barrier) and grp.sync() order this read before every store.
+  // reduction below and grp.sync() order this read before every store.
   A s_y = A(0);
-  if (need_hard && rank == 0) s_y = static_cast<A>(widen(s[y]));
+  if (need_hard && rank == 0) s_y = widen<A>(s[y]);
 
-  // Pass 1: maxima (and the logit sum label smoothing needs). No exps.
-  A r1[3] = {neg_inf<A>(), neg_inf<A>(), A(0)};
+  // Pass 1: this thread's part of the row, its maxima raised as larger elements come (online
+  // rescaling, kd_math.h step 2), then the group's union.
+  PartStats<A> part = empty_part<A>();
+  Shifts<A> sh = shifts_of(part.max_s, part.max_t, inv_t);
   row_loop<V, false, A>(s, t, gr, C, rank, nthr, [&](int, A sk, A tk) {
-    r1[0] = nan_max(r1[0], sk);
-    r1[1] = nan_max(r1[1], tk);
-    if (smooth) r1[2] += sk;
+    if (sk > part.max_s || tk > part.max_t || sk != sk || tk != tk) {
+      part = raise_part(part, nan_max(part.max_s, sk), nan_max(part.max_t, tk), inv_t, hx, kind);
+      sh = shifts_of(part.max_s, part.max_t, inv_t);
+    }
+    add_element(part, kind, elem_exps(sk, tk, inv_t, sh, hx), sk, smooth);
   });
-  grp.template reduce<3, 0b011>(r1, 0);
-  const A max_s = r1[0], max_t = r1[1], sum_s = r1[2];
-
-  // Pass 2: exp sums (rows.h's expressions; rows.h stashes these exps, the GPU recomputes them).
-  const A max_a = max_s * inv_t, max_b = max_t * inv_t;
-  A r2[3] = {A(0), A(0), A(0)};
-  row_loop<V, false, A>(s, t, gr, C, rank, nthr, [&](int, A sk, A tk) {
-    r2[0] += exp_nonpos(sk * inv_t - max_a);
-    r2[1] += exp_nonpos(tk * inv_t - max_b);
-    if (separate_hard_exp) r2[2] += exp_nonpos(sk - max_s);
+  const PartStats<A> st = group_allreduce<A>(grp, part, parity, [&](const PartStats<A>& x, const PartStats<A>& z) {
+    return merge_parts(x, z, inv_t, hx, kind);
   });
-  grp.template reduce<3, 0>(r2, 1);
-  // softmax(s) == softmax(s/T) when T == 1; without a hard term e_s is only a dummy (as rows.h).
-  const RowNorm<A> n = row_norm(inv_t, max_s, max_t, r2[0], r2[1], separate_hard_exp ? r2[2] : r2[0]);
+  const RowNorm<A> n = row_norm(inv_t, st.max_s, st.max_t, st.z_a, st.z_b, st.z_s);
+  const Shifts<A> row_sh = shifts_of(st.max_s, st.max_t, inv_t);
 
-  // The same exps as pass 2 (exp_arg_a/b are pass 2's arguments: n.max_a == max_a).
-  auto exp_a = [&](A sk) { return exp_nonpos(exp_arg_a(sk, n)); };
-  auto exp_b = [&](A tk) { return exp_nonpos(exp_arg_b(tk, n)); };
-  auto exp_s = [&](A sk, A ea) { return separate_hard_exp ? exp_nonpos(sk - n.max_s) : ea; };
-  // The label's element gets the one-hot term, as rows.h's recomputed label element; -1: none.
-  const int label = (need_hard && gr != nullptr) ? static_cast<int>(y) : -1;
-  auto grad_element = [&](int k, A soft_part, A es) -> A {
-    if (k == label) return hard_g * (hard_grad(es, eps_over_c, n) - one_m_eps) + soft_g * soft_part;
-    return soft_g * soft_part + hard_g * hard_grad(es, eps_over_c, n);
-  };
-  if (gr != nullptr) grp.sync();
+  // The soft loss: kl / reverse_kl from the cross sum; jsd from its terms (pass 2).
+  A soft, row_kl;
+  if (kind != KIND_JSD) {
+    soft = row_kl = soft_from_cross(kind, st.cross, st.z_a, st.z_b);
+  } else {
+    JsdSums<A> js{A(0), A(0)};
+    row_loop<V, false, A>(s, t, gr, C, rank, nthr, [&](int, A sk, A tk) {
+      const ElemExps<A> e = elem_exps(sk, tk, inv_t, row_sh, hx);
+      const JsdTerms<A> j = jsd_terms(sk, tk, e.ea, e.eb, n, log_beta, log1m_beta);
+      js.pm += j.pm;
+      js.qm += j.qm;
+    });
+    js = group_allreduce<A>(grp, js, parity, [](const JsdSums<A>& x, const JsdSums<A>& z) {
+      return JsdSums<A>{x.pm + z.pm, x.qm + z.qm};
+    });
+    soft = jsd_soft(js.pm, js.qm, static_cast<A>(P.beta));
+    row_kl = js.qm;
+  }
 
-  // Pass 3: the soft loss; for kl also the gradient. Pass 4: the gradient of reverse_kl / jsd.
-  A r3[2] = {A(0), A(0)};
-  A soft;
-  if (P.kind == KIND_KL) {
-    if (gr != nullptr) {
-      row_loop<V, true, A>(s, t, gr, C, rank, nthr, [&](int k, A sk, A tk) -> A {
-        const A ea = exp_a(sk), eb = exp_b(tk);
-        r3[0] += weighted(eb * n.inv_zb, log_ratio_pq(sk, tk, n));
-        return grad_element(k, soft_grad_kl(ea, eb, n), exp_s(sk, ea));
-      });
-    } else {
-      row_loop<V, false, A>(s, t, gr, C, rank, nthr, [&](int, A sk, A tk) {
-        r3[0] += weighted(exp_b(tk) * n.inv_zb, log_ratio_pq(sk, tk, n));
-      });
-    }
-    grp.template reduce<2, 0>(r3, 2);
-    soft = r3[0];
-  } else if (P.kind == KIND_REVERSE_KL) {
-    row_loop<V, false, A>(s, t, gr, C, rank, nthr, [&](int, A sk, A tk) {
-      r3[0] += weighted(exp_a(sk) * n.inv_za, -log_ratio_pq(sk, tk, n));
+  // The gradient (pass 2, jsd pass 3), exps recomputed relative to the row maxima.
+  if (gr != nullptr) {
+    grp.sync();
+    const int label = need_hard ? static_cast<int>(y) : -1;
+    row_loop<V, true, A>(s, t, gr, C, rank, nthr, [&](int k, A sk, A tk) -> A {
+      const ElemExps<A> e = elem_exps(sk, tk, inv_t, row_sh, hx);
+      A ratio = A(0);
+      if (kind == KIND_REVERSE_KL) ratio = reverse_kl_ratio(sk, tk, n);
+      if (kind == KIND_JSD) ratio = jsd_terms(sk, tk, e.ea, e.eb, n, log_beta, log1m_beta).ratio;
+      return grad_element(kind, e.ea, e.eb, ratio, row_kl, e.es, n, gc, k == label);
     });
-    grp.template reduce<2, 0>(r3, 2);
-    soft = r3[0];
-    const A row_kl = r3[0];
-    if (gr != nullptr) {
-      row_loop<V, true, A>(s, t, gr, C, rank, nthr, [&](int k, A sk, A tk) -> A {
-        const A ea = exp_a(sk);
-        const A ratio = -log_ratio_pq(sk, tk, n);
-        return grad_element(k, soft_grad_mode_seeking(ea, ratio, row_kl, A(1), n), exp_s(sk, ea));
-      });
-    }
-  } else {  // jsd, in log space
-    const A log_beta = static_cast<A>(P.log_beta), log1m_beta = static_cast<A>(P.log1m_beta);
-    row_loop<V, false, A>(s, t, gr, C, rank, nthr, [&](int, A sk, A tk) {
-      const A log_p = tk * inv_t - n.lse_b;
-      const A log_q = sk * inv_t - n.lse_a;
-      const A log_m = log_mixture(log_p, log_q, log_beta, log1m_beta);
-      r3[0] += weighted(exp_b(tk) * n.inv_zb, log_p - log_m);
-      r3[1] += weighted(exp_a(sk) * n.inv_za, log_q - log_m);
-    });
-    grp.template reduce<2, 0>(r3, 2);
-    const A beta = static_cast<A>(P.beta);
-    soft = beta * r3[0] + (A(1) - beta) * r3[1];
-    const A kl_qm = r3[1];
-    if (gr != nullptr) {
-      const A weight = A(1) - static_cast<A>(P.beta);
-      row_loop<V, true, A>(s, t, gr, C, rank, nthr, [&](int k, A sk, A tk) -> A {
-        const A log_p = tk * inv_t - n.lse_b;
-        const A log_q = sk * inv_t - n.lse_a;
-        const A ratio = log_q - log_mixture(log_p, log_q, log_beta, log1m_beta);
-        const A ea = exp_a(sk);
-        return grad_element(k, soft_grad_mode_seeking(ea, ratio, kl_qm, weight, n), exp_s(sk, ea));
-      });
-    }
   }
 
   if (rank == 0) {
-    const A hard = need_hard ? hard_loss(s_y, sum_s, C, eps, n) : A(0);
+    const A hard = need_hard ? hard_loss(s_y, st.sum_s, C, static_cast<A>(P.smoothing), n) : A(0);
     out_loss[row] = weight * row_loss(soft, hard, P);
   }
 }
