@@ -136,10 +136,10 @@ struct SimGroup {
   }
 };
 
-// Runs process_row over every row with one group of `width` host threads (a grid-stride loop
-// with one group), as the kernels do.
-template <class S, class T, class Gd, class A, int V>
-int simulate_rows(const cuda::KernelArgs& ka, int width, std::string* race) {
+// Runs `body(unit, group, parity)` for units [0, n_units) with one group of `width` host threads
+// (a grid-stride loop with one group), as one kernel launch does. Returns the races found.
+template <class A, class Body>
+int simulate_launch(int64_t n_units, int width, std::string* race, Body body) {
   const int lanes = width < kWarp ? width : kWarp;
   Shared shared(width, lanes);
   std::vector<std::thread> threads;
@@ -148,12 +148,37 @@ int simulate_rows(const cuda::KernelArgs& ka, int width, std::string* race) {
       long epoch = 0;
       const SimGroup<A> grp{r, width, lanes, &shared, &epoch};
       int parity = 0;
-      for (int64_t row = 0; row < ka.n_rows; ++row) cuda::rows::process_row<S, T, Gd, A, V>(ka, row, grp, parity);
+      for (int64_t unit = 0; unit < n_units; ++unit) body(unit, grp, parity);
     });
   }
   for (auto& th : threads) th.join();
-  if (shared.races.load() != 0 && race != nullptr) *race = shared.first_race;
+  if (shared.races.load() != 0 && race != nullptr && race->empty()) *race = shared.first_race;
   return shared.races.load();
+}
+
+// The kernels of one call: process_row per row, or (ka.splits > 1) the three stages of rows
+// split across groups, each a launch of its own.
+template <class S, class T, class Gd, class A, int V>
+int simulate_rows(const cuda::KernelArgs& ka, int width, std::string* race) {
+  using cuda::rows::process_row;
+  if (ka.splits <= 1) {
+    return simulate_launch<A>(ka.n_rows, width, race, [&](int64_t row, const auto& grp, int& parity) {
+      process_row<S, T, Gd, A, V>(ka, row, grp, parity);
+    });
+  }
+  const int64_t units = ka.n_rows * ka.splits;
+  int races = simulate_launch<A>(units, width, race, [&](int64_t unit, const auto& grp, int& parity) {
+    cuda::rows::split_stats<S, T, Gd, A, V>(ka, unit, grp, parity);
+  });
+  if (ka.params.kind == math::KIND_JSD) {
+    races += simulate_launch<A>(units, width, race, [&](int64_t unit, const auto& grp, int& parity) {
+      cuda::rows::split_jsd<S, T, Gd, A, V>(ka, unit, grp, parity);
+    });
+  }
+  races += simulate_launch<A>(units, width, race, [&](int64_t unit, const auto& grp, int&) {
+    cuda::rows::split_finish<S, T, Gd, A, V>(ka, unit, grp);
+  });
+  return races;
 }
 
 // ---- storage conversions ----
@@ -201,6 +226,7 @@ template <class T> const char* dtype_name() {
 
 struct Config {
   int n_rows, n_cols, width;
+  int split_cols;  // 0: one group per row; else the rows are split into segments of this many
   int kind;
   bool has_target, ignored_rows, nan_input, masked_teacher, inf_input;
   double temperature, alpha, beta, smoothing;
@@ -215,9 +241,9 @@ struct Config {
 std::string describe(const Config& c) {
   char b[512];
   std::snprintf(b, sizeof b,
-                "N=%d C=%d width=%d kind=%d target=%d ignored=%d nan=%d inf=%d masked=%d T=%g alpha=%g beta=%g "
+                "N=%d C=%d split=%d width=%d kind=%d target=%d ignored=%d nan=%d inf=%d masked=%d T=%g alpha=%g beta=%g "
                 "eps=%g t2=%d grad=%d off=(%d,%d,%d) pad=(%d,%d,%d) bad=%d seed=%llu",
-                c.n_rows, c.n_cols, c.width, c.kind, c.has_target, c.ignored_rows, c.nan_input, c.inf_input,
+                c.n_rows, c.n_cols, c.split_cols, c.width, c.kind, c.has_target, c.ignored_rows, c.nan_input, c.inf_input,
                 c.masked_teacher, c.temperature, c.alpha, c.beta, c.smoothing, c.scale_by_t2,
                 c.grad_mode, c.off_s, c.off_t, c.off_g, c.pad_s, c.pad_t, c.pad_g, c.bad_target_row,
                 static_cast<unsigned long long>(c.seed));
@@ -330,6 +356,15 @@ void run_case(const Config& c) {
   ka.n_rows = N;
   ka.n_cols = C;
   ka.params = P;
+  std::vector<A> records;
+  ka.splits = 1;
+  ka.split_cols = C;
+  if (c.split_cols > 0) {
+    ka.split_cols = c.split_cols;
+    ka.splits = (C + c.split_cols - 1) / c.split_cols;
+    records.assign(static_cast<size_t>(N) * ka.splits * cuda::rows::kRecordValues, A(0));
+    ka.records = records.data();
+  }
   g_assert_hits = 0;
   std::string race;
   const int races = simulate_rows<S, T, Gd, A, V>(ka, c.width, &race);
@@ -411,7 +446,7 @@ void run_case(const Config& c) {
 
 template <class S, class T>
 void run_pair(const Config& c) {
-  using Gd = std::conditional_t<std::is_same_v<S, f16_bits>, float, S>;
+  using Gd = math::grad_storage_t<S>;
   using A = std::conditional_t<std::is_same_v<S, double>, double, float>;
   Config cc = c;
   if (std::is_same_v<S, f16_bits> && cc.grad_mode == 2) cc.grad_mode = 1;  // f16 in place is refused
@@ -455,8 +490,17 @@ int main(int argc, char** argv) {
     c.n_cols = large ? pick({32000, 50257, 131072}) : pick({1, 2, 3, 7, 10, 16, 33, 64, 100, 257, 1000, 1024, 1025, 1500, 4099});
     c.width = c.n_cols > 1024 ? pick({64, 128, 256, 512}) : pick({4, 8, 16, 32, 32, 64});
     if (coin(0.02)) c.width = 1024;
-    if (c.n_cols <= 4099 && c.width > 128 && !coin(0.3)) c.width = 128;  // wide groups cost host threads
     c.n_rows = large ? pick({1, 2}) : pick({1, 2, 5, 9});
+    // Rows split across groups (the launch splits large rows when N is small): segments of a
+    // multiple of 16 classes, here small ones so that rows of a few thousand have several.
+    if (c.n_cols > 1024 && coin(0.4)) {
+      c.split_cols = pick({16, 48, 512, 1024, 4096});
+      const int at_most_64 = (c.n_cols + 63) / 64;  // as the launch: at most 64 splits per row
+      if (c.split_cols < at_most_64) c.split_cols = (at_most_64 + 15) / 16 * 16;
+      if (c.width > 128) c.width = 128;  // 3 launches of up to 64 units a row: keep it quick
+      if (c.n_rows > 3) c.n_rows = 3;
+    }
+    if (c.n_cols <= 4099 && c.width > 128 && !coin(0.3)) c.width = 128;  // wide groups cost host threads
     c.kind = pick({0, 1, 2});
     c.has_target = coin(0.75);
     c.ignored_rows = coin(0.4);

@@ -423,26 +423,25 @@ float exp_probe(float* buf, int64_t n, int64_t reps) {
 }
 
 int64_t run_rows(const RowsArgs& g, int64_t begin, int64_t end, void* scratch) {
-  // The gradient is stored in the student's dtype, except fp16 students: their unnormalized
-  // gradient underflows fp16, so it stays float32 (see cpu_rows_api.h).
   using F = float;
   using B = bf16_bits;
   using H = f16_bits;
   F* sf = static_cast<F*>(scratch);
   const bool lanes = g.n_cols <= g.lanes_max_cols;
-#define KD_CASE(SD, TD, S, T, G)                                   \
-  if (g.student_dtype == SD && g.teacher_dtype == TD)              \
-    return lanes ? run_rows_lanes<S, T, G>(g, begin, end, sf)      \
-                 : run_rows_for<S, T, G, F>(g, begin, end, sf);
-  KD_CASE(DT_F32, DT_F32, F, F, F)
-  KD_CASE(DT_F32, DT_BF16, F, B, F)
-  KD_CASE(DT_F32, DT_F16, F, H, F)
-  KD_CASE(DT_BF16, DT_F32, B, F, B)
-  KD_CASE(DT_BF16, DT_BF16, B, B, B)
-  KD_CASE(DT_BF16, DT_F16, B, H, B)
-  KD_CASE(DT_F16, DT_F32, H, F, F)
-  KD_CASE(DT_F16, DT_BF16, H, B, F)
-  KD_CASE(DT_F16, DT_F16, H, H, F)
+  // The gradient's storage: grad_storage_t, the rule of kd_math.h (float16 students: float32).
+#define KD_CASE(SD, TD, S, T)                                                          \
+  if (g.student_dtype == SD && g.teacher_dtype == TD)                                  \
+    return lanes ? run_rows_lanes<S, T, grad_storage_t<S>>(g, begin, end, sf)          \
+                 : run_rows_for<S, T, grad_storage_t<S>, F>(g, begin, end, sf);
+  KD_CASE(DT_F32, DT_F32, F, F)
+  KD_CASE(DT_F32, DT_BF16, F, B)
+  KD_CASE(DT_F32, DT_F16, F, H)
+  KD_CASE(DT_BF16, DT_F32, B, F)
+  KD_CASE(DT_BF16, DT_BF16, B, B)
+  KD_CASE(DT_BF16, DT_F16, B, H)
+  KD_CASE(DT_F16, DT_F32, H, F)
+  KD_CASE(DT_F16, DT_BF16, H, B)
+  KD_CASE(DT_F16, DT_F16, H, H)
 #undef KD_CASE
   if (g.student_dtype == DT_F64 && g.teacher_dtype == DT_F64)
     return run_rows_for<double, double, double, double>(g, begin, end, static_cast<double*>(scratch));

@@ -9,7 +9,8 @@
 //   * C <= 1024 (kSubWarpMaxCols): a sub-warp of 4..32 lanes per row (shuffle reductions with the
 //     group's lane mask), many rows per 256-thread block. MNIST's C = 10 takes 4 lanes, so one
 //     warp serves 8 rows instead of leaving 22 of 32 lanes idle.
-//   * C > 1024: one block (128..512 threads) per row, warp shuffles + shared memory between warps.
+//   * C > 1024: one block (128..512 threads) per row, warp shuffles + shared memory between warps;
+//     or several blocks per row when there are too few rows for the SMs (see below).
 // Both loop over rows grid-stride, so any N fits the grid.
 //
 // Passes over the row (distill_rows.cuh; the steps are kd_math.h's, as on the CPU): 1. each
@@ -21,8 +22,10 @@
 // bytes of HBM traffic per fp32 element with the gradient), jsd three times (28 bytes).
 // Exps per element: pass 1 2-3 (+ about one per vector of rescaling while a thread's maxima
 // still rise); jsd's pass 2: 2 + 1 exp/1 log; the gradient pass: as pass 1 (+ jsd's mixture).
-// Rows use N blocks (one per row) or fewer: small N with large C leaves most SMs idle (splitting
-// a row across blocks is the next step).
+// Large C with too few rows for the SMs (N < 2 x SMs): each row is split across up to 64 blocks
+// (segments of >= 4096 classes) in three stream-ordered kernels (statistics, jsd's sums,
+// gradient) that exchange 10 values per block through a small (N, splits) workspace; the
+// row's reads stay two (kl, reverse_kl) or three (jsd).
 //
 // Loads are vectorized (16 bytes of the wider input per step: 4 x f32, 8 x 16-bit, 2 x f64) when
 // the student and teacher rows share their misalignment, after a scalar head that reaches
@@ -127,6 +130,35 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads) distill_rows_block(const 
   }
 }
 
+// Small N, large C: a.splits blocks per row, three stages (distill_rows.cuh, rows split across
+// groups); Stage picks the step.
+enum class Stage { kStats, kJsd, kFinish };
+template <Stage kStage, class S, class T, class Gd, class A, int V>
+__global__ void __launch_bounds__(kMaxRowBlockThreads) distill_split_rows(const KernelArgs a) {
+  __shared__ A red[rows::kSmemValues];
+  const BlockGroup<A> grp{red, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), 32};
+  int parity = 0;
+  const int64_t units = a.n_rows * a.splits;
+  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    if constexpr (kStage == Stage::kStats) {
+      rows::split_stats<S, T, Gd, A, V>(a, unit, grp, parity);
+    } else if constexpr (kStage == Stage::kJsd) {
+      rows::split_jsd<S, T, Gd, A, V>(a, unit, grp, parity);
+    } else {
+      rows::split_finish<S, T, Gd, A, V>(a, unit, grp);
+    }
+  }
+}
+
+// Blocks per row for rows of more than kSubWarpMaxCols classes: enough units for two blocks per
+// SM, each segment at least kMinSplitCols classes, at most kMaxSplits per row.
+constexpr int64_t kMinSplitCols = 4096;
+constexpr int64_t kMaxSplits = 64;
+int split_count(int64_t n_rows, int64_t n_cols, int sms) {
+  const int64_t wanted = (2 * static_cast<int64_t>(sms) + n_rows - 1) / n_rows;
+  return static_cast<int>(std::max<int64_t>(1, std::min({wanted, n_cols / kMinSplitCols, kMaxSplits})));
+}
+
 int next_pow2(int64_t x) {
   int p = 1;
   while (p < x) p <<= 1;
@@ -151,8 +183,20 @@ void launch_typed(const KernelArgs& a, cudaStream_t stream) {
     int threads = next_pow2((static_cast<int64_t>(a.n_cols) + 8 * V - 1) / (8 * V));
     threads = threads < kMinRowBlockThreads ? kMinRowBlockThreads
                                             : (threads > kMaxRowBlockThreads ? kMaxRowBlockThreads : threads);
-    const int64_t blocks = std::min<int64_t>(a.n_rows, max_grid);
-    distill_rows_block<S, T, Gd, A, V><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+    if (a.splits > 1) {
+      const int64_t blocks = std::min<int64_t>(a.n_rows * a.splits, max_grid);
+      const unsigned grid = static_cast<unsigned>(blocks);
+      distill_split_rows<Stage::kStats, S, T, Gd, A, V><<<grid, threads, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (a.params.kind == math::KIND_JSD) {
+        distill_split_rows<Stage::kJsd, S, T, Gd, A, V><<<grid, threads, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      distill_split_rows<Stage::kFinish, S, T, Gd, A, V><<<grid, threads, 0, stream>>>(a);
+    } else {
+      const int64_t blocks = std::min<int64_t>(a.n_rows, max_grid);
+      distill_rows_block<S, T, Gd, A, V><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -199,6 +243,24 @@ at::Tensor run(const PreparedInputs& in, const at::Tensor& grad, bool average_ro
     a.row_weight = row_weight.data_ptr<double>();
   } else if (average_rows) {
     math::scale_params(a.params, 1.0 / static_cast<double>(in.n_rows));
+  }
+
+  // Small N with large C: split each row across blocks so the GPU has work for every SM.
+  a.splits = 1;
+  a.split_cols = a.n_cols;
+  at::Tensor records;  // freed in stream order after the launches
+  if (in.n_cols > kSubWarpMaxCols) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, in.student.get_device()));
+    const int splits = split_count(in.n_rows, in.n_cols, sms);
+    if (splits > 1) {
+      // Segments of a multiple of 16 classes: aligned rows keep aligned vector loads.
+      a.split_cols = static_cast<int32_t>((in.n_cols + splits - 1) / splits + 15) / 16 * 16;
+      a.splits = static_cast<int32_t>((in.n_cols + a.split_cols - 1) / a.split_cols);
+      records = at::empty({in.n_rows * a.splits * rows::kRecordValues},
+                          in.student.options().dtype(loss_dtype(in.student)));
+      a.records = records.data_ptr();
+    }
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -52,6 +52,11 @@ struct KernelArgs {
   int32_t n_cols;
   math::Params params;
   const double* row_weight;  // device scalar multiplying loss_i and its gradient, or nullptr (1)
+  // Rows split across groups (small N, large C): `splits` segments of `split_cols` classes per
+  // row, each a unit of work; `records` holds kRecordValues accumulation values per unit.
+  int32_t splits;            // 1: one group per row (process_row), no records
+  int32_t split_cols;
+  void* records;
 };
 
 namespace rows {
@@ -232,103 +237,258 @@ KDFAST_DEV void zero_row(Gd* gr, int C, int rank, int nthr) {
   for (int k = head + n_vec * V + rank; k < C; k += nthr) gr[k] = zero;
 }
 
-// ---- one row ----
+// ---- the steps of a row ----
+// What every step of a row needs, from the call's parameters.
+template <class A>
+struct RowCtx {
+  int32_t kind;
+  bool need_hard, smooth;
+  math::HardExp hx;
+  A inv_t, weight, log_beta, log1m_beta;
+  math::GradCoefs<A> gc;
+};
+template <class A>
+KDFAST_DEV RowCtx<A> row_ctx(const KernelArgs& a, int C) {
+  const math::Params& P = a.params;
+  RowCtx<A> x;
+  x.kind = P.kind;
+  x.need_hard = P.hard_coef != 0.0;
+  x.smooth = x.need_hard && P.smoothing != 0.0;
+  x.hx = math::hard_exp_mode(P);
+  x.inv_t = static_cast<A>(P.inv_temperature);
+  x.weight = a.row_weight != nullptr ? static_cast<A>(*a.row_weight) : A(1);
+  x.log_beta = static_cast<A>(P.log_beta);
+  x.log1m_beta = static_cast<A>(P.log1m_beta);
+  x.gc = math::grad_coefs(P, C, x.weight);
+  return x;
+}
+
+// The row's target (-1 without one); false for a row that takes no steps: an ignored row (its
+// loss and gradient `segment` are zeroed here) or a bad target (a device assert).
+template <int V, class A, class Gd>
+KDFAST_DEV bool row_counts(const KernelArgs& a, int64_t row, int k0, int k1, int rank, int nthr, int64_t* y) {
+  *y = -1;
+  if (!a.params.has_target) return true;
+  *y = a.target[row * a.target_stride];
+  if (*y == a.params.ignore_index) {
+    if (rank == 0 && k0 == 0) static_cast<A*>(a.loss_rows)[row] = A(0);
+    if (a.grad != nullptr) zero_row<V>(static_cast<Gd*>(a.grad) + row * a.grad_row_stride + k0, k1 - k0, rank, nthr);
+    return false;
+  }
+  const bool valid = *y >= 0 && *y < a.n_cols;
+  if (rank == 0) {
+    CUDA_KERNEL_ASSERT_MSG(valid, "kdfast: target out of range: expected a class index in [0, C) or ignore_index");
+  }
+  return valid;  // false is not reached on the GPU: the assert stops the kernel
+}
+
+// Statistics of elements [k0, k1) of the row: each thread's part, its maxima raised as larger
+// elements come (online rescaling, kd_math.h step 2), then the group's union.
+template <class A, int V, class S, class T, class Group>
+KDFAST_DEV math::PartStats<A> segment_stats(const RowCtx<A>& x, const S* s, const T* t, int k0, int k1,
+                                            const Group& grp, int& parity) {
+  using namespace ::kdfast::math;
+  PartStats<A> part = empty_part<A>();
+  Shifts<A> sh = shifts_of(part.max_s, part.max_t, x.inv_t);
+  row_loop<V, false, A>(s + k0, t + k0, static_cast<A*>(nullptr), k1 - k0, grp.rank, grp.width, [&](int, A sk, A tk) {
+    if (sk > part.max_s || tk > part.max_t || sk != sk || tk != tk) {
+      part = raise_part(part, nan_max(part.max_s, sk), nan_max(part.max_t, tk), x.inv_t, x.hx, x.kind);
+      sh = shifts_of(part.max_s, part.max_t, x.inv_t);
+    }
+    add_element(part, x.kind, elem_exps(sk, tk, x.inv_t, sh, x.hx), sk, x.smooth);
+  });
+  return group_allreduce<A>(grp, part, parity, [&](const PartStats<A>& p, const PartStats<A>& q) {
+    return merge_parts(p, q, x.inv_t, x.hx, x.kind);
+  });
+}
+
+// The row's normalizers and soft loss from its statistics (jsd's soft loss comes later).
+template <class A>
+struct RowSoft {
+  math::RowNorm<A> n;
+  math::Shifts<A> sh;
+  A soft, row_kl;
+};
+template <class A>
+KDFAST_DEV RowSoft<A> row_soft(const RowCtx<A>& x, const math::PartStats<A>& st) {
+  using namespace ::kdfast::math;
+  RowSoft<A> r;
+  r.n = row_norm(x.inv_t, st.max_s, st.max_t, st.z_a, st.z_b, st.z_s);
+  r.sh = shifts_of(st.max_s, st.max_t, x.inv_t);
+  r.soft = r.row_kl = x.kind == KIND_JSD ? A(0) : soft_from_cross(x.kind, st.cross, st.z_a, st.z_b);
+  return r;
+}
+
+// jsd's two sums over elements [k0, k1), reduced over the group.
+template <class A, int V, class S, class T, class Group>
+KDFAST_DEV JsdSums<A> segment_jsd(const RowCtx<A>& x, const RowSoft<A>& r, const S* s, const T* t, int k0, int k1,
+                                  const Group& grp, int& parity) {
+  using namespace ::kdfast::math;
+  JsdSums<A> js{A(0), A(0)};
+  row_loop<V, false, A>(s + k0, t + k0, static_cast<A*>(nullptr), k1 - k0, grp.rank, grp.width, [&](int, A sk, A tk) {
+    const ElemExps<A> e = elem_exps(sk, tk, x.inv_t, r.sh, x.hx);
+    const JsdTerms<A> j = jsd_terms(sk, tk, e.ea, e.eb, r.n, x.log_beta, x.log1m_beta);
+    js.pm += j.pm;
+    js.qm += j.qm;
+  });
+  return group_allreduce<A>(grp, js, parity, [](const JsdSums<A>& p, const JsdSums<A>& q) {
+    return JsdSums<A>{p.pm + q.pm, p.qm + q.qm};
+  });
+}
+template <class A>
+KDFAST_DEV void set_jsd_soft(RowSoft<A>& r, const JsdSums<A>& js, const math::Params& P) {
+  r.soft = math::jsd_soft(js.pm, js.qm, static_cast<A>(P.beta));
+  r.row_kl = js.qm;
+}
+
+// The gradient of elements [k0, k1), exps recomputed relative to the row maxima.
+template <class A, int V, class S, class T, class Gd, class Group>
+KDFAST_DEV void segment_grad(const RowCtx<A>& x, const RowSoft<A>& r, const S* s, const T* t, Gd* gr, int k0, int k1,
+                             int64_t y, const Group& grp) {
+  using namespace ::kdfast::math;
+  const int label = x.need_hard ? static_cast<int>(y) - k0 : -1;
+  row_loop<V, true, A>(s + k0, t + k0, gr + k0, k1 - k0, grp.rank, grp.width, [&](int k, A sk, A tk) -> A {
+    const ElemExps<A> e = elem_exps(sk, tk, x.inv_t, r.sh, x.hx);
+    A ratio = A(0);
+    if (x.kind == KIND_REVERSE_KL) ratio = reverse_kl_ratio(sk, tk, r.n);
+    if (x.kind == KIND_JSD) ratio = jsd_terms(sk, tk, e.ea, e.eb, r.n, x.log_beta, x.log1m_beta).ratio;
+    return grad_element(x.kind, e.ea, e.eb, ratio, r.row_kl, e.es, r.n, x.gc, k == label);
+  });
+}
+
+template <class A>
+KDFAST_DEV A row_loss_of(const KernelArgs& a, const RowCtx<A>& x, const RowSoft<A>& r, A s_y, A sum_s) {
+  const A hard = x.need_hard ? math::hard_loss(s_y, sum_s, a.n_cols, static_cast<A>(a.params.smoothing), r.n) : A(0);
+  return x.weight * math::row_loss(r.soft, hard, a.params);
+}
+
+// ---- one row per group ----
 // S, T: storage types of student and teacher rows; Gd: gradient storage; A: accumulation type;
 // V: elements per vector step. Every row that is not ignored does one group reduction (two for
 // jsd), whatever its gradient, so `parity` stays the same in every thread of the group.
 template <class S, class T, class Gd, class A, int V, class Group>
 KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp, int& parity) {
-  using namespace ::kdfast::math;
-  const Params& P = a.params;
   const int C = a.n_cols;
-  const int rank = grp.rank;
-  const int nthr = grp.width;
+  int64_t y;
+  if (!row_counts<V, A, Gd>(a, row, 0, C, grp.rank, grp.width, &y)) return;
   const S* s = static_cast<const S*>(a.student) + row * a.student_row_stride;
   const T* t = static_cast<const T*>(a.teacher) + row * a.teacher_row_stride;
   Gd* gr = a.grad != nullptr ? static_cast<Gd*>(a.grad) + row * a.grad_row_stride : nullptr;
-  A* out_loss = static_cast<A*>(a.loss_rows);
-
-  int64_t y = -1;
-  if (P.has_target) {
-    y = a.target[row * a.target_stride];
-    if (y == P.ignore_index) {
-      if (rank == 0) out_loss[row] = A(0);
-      if (gr != nullptr) zero_row<V>(gr, C, rank, nthr);
-      return;
-    }
-    const bool valid = y >= 0 && y < C;
-    if (rank == 0) {
-      CUDA_KERNEL_ASSERT_MSG(valid, "kdfast: target out of range: expected a class index in [0, C) or ignore_index");
-    }
-    if (!valid) return;  // not reached on the GPU: the assert stops the kernel
-  }
-
-  const int32_t kind = P.kind;
-  const bool need_hard = P.hard_coef != 0.0;
-  const bool smooth = need_hard && P.smoothing != 0.0;
-  const HardExp hx = hard_exp_mode(P);
-  const A inv_t = static_cast<A>(P.inv_temperature);
-  const A weight = a.row_weight != nullptr ? static_cast<A>(*a.row_weight) : A(1);
-  const GradCoefs<A> gc = grad_coefs(P, C, weight);
-  const A log_beta = static_cast<A>(P.log_beta), log1m_beta = static_cast<A>(P.log1m_beta);
+  const RowCtx<A> x = row_ctx<A>(a, C);
   // Read before any gradient store: in place, the gradient overwrites the student row. The
   // reduction below and grp.sync() order this read before every store.
-  A s_y = A(0);
-  if (need_hard && rank == 0) s_y = widen<A>(s[y]);
+  const A s_y = x.need_hard && grp.rank == 0 ? widen<A>(s[y]) : A(0);
 
-  // Pass 1: this thread's part of the row, its maxima raised as larger elements come (online
-  // rescaling, kd_math.h step 2), then the group's union.
-  PartStats<A> part = empty_part<A>();
-  Shifts<A> sh = shifts_of(part.max_s, part.max_t, inv_t);
-  row_loop<V, false, A>(s, t, gr, C, rank, nthr, [&](int, A sk, A tk) {
-    if (sk > part.max_s || tk > part.max_t || sk != sk || tk != tk) {
-      part = raise_part(part, nan_max(part.max_s, sk), nan_max(part.max_t, tk), inv_t, hx, kind);
-      sh = shifts_of(part.max_s, part.max_t, inv_t);
-    }
-    add_element(part, kind, elem_exps(sk, tk, inv_t, sh, hx), sk, smooth);
-  });
-  const PartStats<A> st = group_allreduce<A>(grp, part, parity, [&](const PartStats<A>& x, const PartStats<A>& z) {
-    return merge_parts(x, z, inv_t, hx, kind);
-  });
-  const RowNorm<A> n = row_norm(inv_t, st.max_s, st.max_t, st.z_a, st.z_b, st.z_s);
-  const Shifts<A> row_sh = shifts_of(st.max_s, st.max_t, inv_t);
-
-  // The soft loss: kl / reverse_kl from the cross sum; jsd from its terms (pass 2).
-  A soft, row_kl;
-  if (kind != KIND_JSD) {
-    soft = row_kl = soft_from_cross(kind, st.cross, st.z_a, st.z_b);
-  } else {
-    JsdSums<A> js{A(0), A(0)};
-    row_loop<V, false, A>(s, t, gr, C, rank, nthr, [&](int, A sk, A tk) {
-      const ElemExps<A> e = elem_exps(sk, tk, inv_t, row_sh, hx);
-      const JsdTerms<A> j = jsd_terms(sk, tk, e.ea, e.eb, n, log_beta, log1m_beta);
-      js.pm += j.pm;
-      js.qm += j.qm;
-    });
-    js = group_allreduce<A>(grp, js, parity, [](const JsdSums<A>& x, const JsdSums<A>& z) {
-      return JsdSums<A>{x.pm + z.pm, x.qm + z.qm};
-    });
-    soft = jsd_soft(js.pm, js.qm, static_cast<A>(P.beta));
-    row_kl = js.qm;
-  }
-
-  // The gradient (pass 2, jsd pass 3), exps recomputed relative to the row maxima.
+  const math::PartStats<A> st = segment_stats<A, V>(x, s, t, 0, C, grp, parity);
+  RowSoft<A> r = row_soft(x, st);
+  if (x.kind == math::KIND_JSD) set_jsd_soft(r, segment_jsd<A, V>(x, r, s, t, 0, C, grp, parity), a.params);
   if (gr != nullptr) {
     grp.sync();
-    const int label = need_hard ? static_cast<int>(y) : -1;
-    row_loop<V, true, A>(s, t, gr, C, rank, nthr, [&](int k, A sk, A tk) -> A {
-      const ElemExps<A> e = elem_exps(sk, tk, inv_t, row_sh, hx);
-      A ratio = A(0);
-      if (kind == KIND_REVERSE_KL) ratio = reverse_kl_ratio(sk, tk, n);
-      if (kind == KIND_JSD) ratio = jsd_terms(sk, tk, e.ea, e.eb, n, log_beta, log1m_beta).ratio;
-      return grad_element(kind, e.ea, e.eb, ratio, row_kl, e.es, n, gc, k == label);
-    });
+    segment_grad<A, V>(x, r, s, t, gr, 0, C, y, grp);
   }
+  if (grp.rank == 0) static_cast<A*>(a.loss_rows)[row] = row_loss_of(a, x, r, s_y, st.sum_s);
+}
 
-  if (rank == 0) {
-    const A hard = need_hard ? hard_loss(s_y, st.sum_s, C, static_cast<A>(P.smoothing), n) : A(0);
-    out_loss[row] = weight * row_loss(soft, hard, P);
+// ---- rows split across groups ----
+// For small N with large C: a.splits groups (blocks) per row, each one unit of work over its
+// segment of a.split_cols classes. Three kernels (stages) in stream order: statistics
+// (split_stats), jsd's sums (split_jsd, jsd only), gradient and loss (split_finish). Units
+// exchange their results through a.records (kRecordValues per unit), which every later stage
+// folds in split order, so every group of a row sees the same row statistics.
+constexpr int kRecordValues = 10;  // PartStats (7), the label logit, jsd's two sums
+
+// The row's target (-1 without one); false for an ignored row or a bad target (both already
+// handled by the first stage).
+KDFAST_DEV bool row_target_ok(const KernelArgs& a, int64_t row, int64_t* y) {
+  *y = -1;
+  if (!a.params.has_target) return true;
+  *y = a.target[row * a.target_stride];
+  return *y != a.params.ignore_index && *y >= 0 && *y < a.n_cols;
+}
+
+template <class A>
+KDFAST_DEV A* unit_record(const KernelArgs& a, int64_t unit) {
+  return static_cast<A*>(a.records) + unit * kRecordValues;
+}
+// The row's statistics and label logit: the units' records folded in split order.
+template <class A>
+KDFAST_DEV math::PartStats<A> fold_records(const KernelArgs& a, const RowCtx<A>& x, int64_t row, A* s_y) {
+  math::PartStats<A> st = math::empty_part<A>();
+  *s_y = A(0);
+  for (int sp = 0; sp < a.splits; ++sp) {
+    const A* rec = unit_record<A>(a, row * a.splits + sp);
+    math::PartStats<A> part;
+    memcpy(&part, rec, sizeof(part));
+    st = math::merge_parts(st, part, x.inv_t, x.hx, x.kind);
+    *s_y += rec[7];  // only the unit holding the label wrote a non-zero
   }
+  return st;
+}
+
+template <class S, class T, class Gd, class A, int V, class Group>
+KDFAST_DEV void split_stats(const KernelArgs& a, int64_t unit, const Group& grp, int& parity) {
+  const int64_t row = unit / a.splits;
+  const int k0 = static_cast<int>(unit % a.splits) * a.split_cols;
+  const int k1 = imin(a.n_cols, k0 + a.split_cols);
+  int64_t y;
+  if (!row_counts<V, A, Gd>(a, row, k0, k1, grp.rank, grp.width, &y)) return;
+  const S* s = static_cast<const S*>(a.student) + row * a.student_row_stride;
+  const T* t = static_cast<const T*>(a.teacher) + row * a.teacher_row_stride;
+  const RowCtx<A> x = row_ctx<A>(a, a.n_cols);
+  const math::PartStats<A> st = segment_stats<A, V>(x, s, t, k0, k1, grp, parity);
+  if (grp.rank == 0) {
+    A* rec = unit_record<A>(a, unit);
+    memcpy(rec, &st, sizeof(st));
+    // Read here, before any unit writes a gradient (in place: over the student).
+    rec[7] = x.need_hard && y >= k0 && y < k1 ? widen<A>(s[y]) : A(0);
+  }
+}
+
+template <class S, class T, class Gd, class A, int V, class Group>
+KDFAST_DEV void split_jsd(const KernelArgs& a, int64_t unit, const Group& grp, int& parity) {
+  const int64_t row = unit / a.splits;
+  const int k0 = static_cast<int>(unit % a.splits) * a.split_cols;
+  const int k1 = imin(a.n_cols, k0 + a.split_cols);
+  int64_t y;
+  if (!row_target_ok(a, row, &y)) return;  // done in split_stats
+  const S* s = static_cast<const S*>(a.student) + row * a.student_row_stride;
+  const T* t = static_cast<const T*>(a.teacher) + row * a.teacher_row_stride;
+  const RowCtx<A> x = row_ctx<A>(a, a.n_cols);
+  A s_y;
+  const RowSoft<A> r = row_soft(x, fold_records(a, x, row, &s_y));
+  const JsdSums<A> js = segment_jsd<A, V>(x, r, s, t, k0, k1, grp, parity);
+  if (grp.rank == 0) {
+    A* rec = unit_record<A>(a, unit);
+    rec[8] = js.pm;
+    rec[9] = js.qm;
+  }
+}
+
+template <class S, class T, class Gd, class A, int V, class Group>
+KDFAST_DEV void split_finish(const KernelArgs& a, int64_t unit, const Group& grp) {
+  const int64_t row = unit / a.splits;
+  const int k0 = static_cast<int>(unit % a.splits) * a.split_cols;
+  const int k1 = imin(a.n_cols, k0 + a.split_cols);
+  int64_t y;
+  if (!row_target_ok(a, row, &y)) return;  // done in split_stats
+  const S* s = static_cast<const S*>(a.student) + row * a.student_row_stride;
+  const T* t = static_cast<const T*>(a.teacher) + row * a.teacher_row_stride;
+  Gd* gr = a.grad != nullptr ? static_cast<Gd*>(a.grad) + row * a.grad_row_stride : nullptr;
+  const RowCtx<A> x = row_ctx<A>(a, a.n_cols);
+  A s_y;
+  const math::PartStats<A> st = fold_records(a, x, row, &s_y);
+  RowSoft<A> r = row_soft(x, st);
+  if (x.kind == math::KIND_JSD) {
+    JsdSums<A> js{A(0), A(0)};
+    for (int sp = 0; sp < a.splits; ++sp) {
+      const A* rec = unit_record<A>(a, row * a.splits + sp);
+      js.pm += rec[8];
+      js.qm += rec[9];
+    }
+    set_jsd_soft(r, js, a.params);
+  }
+  if (gr != nullptr) segment_grad<A, V>(x, r, s, t, gr, k0, k1, y, grp);
+  if (grp.rank == 0 && k0 == 0) static_cast<A*>(a.loss_rows)[row] = row_loss_of(a, x, r, s_y, st.sum_s);
 }
 
 }  // namespace rows
