@@ -135,6 +135,10 @@ if [ -n "$CUOBJDUMP" ] && [ -x "$CUOBJDUMP" ]; then
   awk '/arch =/{a=$3} /REG:/{print "  " a, $1, $2}' <<<"$usage" | sort | uniq -c
   n_spill=$(grep "REG:" <<<"$usage" | grep -vc "STACK:0 " || true)
   echo "kernels with a stack frame (spills): $n_spill"
+  if [ "$n_spill" != "0" ]; then
+    echo "FAILED: $n_spill kernels spill registers (ptxas -v shows which; distill.cu's launch bounds)"
+    exit 1
+  fi
 else
   echo "cuobjdump not found: skipping the cubin/PTX listing"
 fi

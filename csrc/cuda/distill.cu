@@ -120,8 +120,11 @@ __global__ void __launch_bounds__(kSubWarpBlockThreads) distill_rows_subwarp(con
 }
 
 // Large C: one block per row (the row-uniform branches keep __syncthreads block-uniform).
+// __launch_bounds__(512, 1): with the thread bound alone ptxas held these kernels to 64
+// registers and spilled (16-28 bytes); with one block per SM allowed 128 it spills none (the
+// CI build fails on a stack frame).
 template <class S, class T, class Gd, class A, int V>
-__global__ void __launch_bounds__(kMaxRowBlockThreads) distill_rows_block(const KernelArgs a) {
+__global__ void __launch_bounds__(kMaxRowBlockThreads, 1) distill_rows_block(const KernelArgs a) {
   __shared__ A red[rows::kSmemValues];
   const BlockGroup<A> grp{red, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), 32};
   int parity = 0;
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads) distill_rows_block(const 
 // groups); Stage picks the step.
 enum class Stage { kStats, kJsd, kFinish };
 template <Stage kStage, class S, class T, class Gd, class A, int V>
-__global__ void __launch_bounds__(kMaxRowBlockThreads) distill_split_rows(const KernelArgs a) {
+__global__ void __launch_bounds__(kMaxRowBlockThreads, 1) distill_split_rows(const KernelArgs a) {
   __shared__ A red[rows::kSmemValues];
   const BlockGroup<A> grp{red, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), 32};
   int parity = 0;
