@@ -15,6 +15,11 @@
 #include <cstring>
 #include <type_traits>
 
+// GCC 12's jump threading turned the select of kd_math.h's exp into a branch in one variant of
+// the lane exps (kl with softmax(s) = q: T == 1 or no hard term), which then did not vectorize
+// ("control flow in loop"): 3x slower. Off for the lane loops only.
+#pragma GCC push_options
+#pragma GCC optimize("no-thread-jumps")
 namespace kdfast {
 namespace cpu {
 namespace KDFAST_ISA {
@@ -42,6 +47,31 @@ struct LaneNorms {
     return n;
   }
 };
+
+// Pass 2 of a block: exps, their sums and the cross sum, the rows in the lanes. Kind and the
+// hard term's exps are compile-time, so each loop does only its call's work (a generic lambda
+// here left GCC's vectorizer with "control flow" in the kl, T == 1 variant: 3x slower).
+template <int32_t Kind, bool Separate>
+__attribute__((always_inline)) inline void lane_exps(int64_t C, const float* s_t, const float* t_t, float inv_t,
+                                                     const float* sh_a, const float* sh_b, const float* sh_s,
+                                                     float* e_a, float* e_b, float* e_s_own, float* z_a, float* z_b,
+                                                     float* z_s, float* cross) {
+  constexpr int L = kLanes;
+  for (int64_t k = 0; k < C; ++k) {
+#pragma omp simd
+    for (int r = 0; r < L; ++r) {
+      const ElemExps<float> e =
+          elem_exps<0, Separate>(s_t[k * L + r], t_t[k * L + r], inv_t, Shifts<float>{sh_a[r], sh_b[r], sh_s[r]});
+      e_a[k * L + r] = e.ea;
+      e_b[k * L + r] = e.eb;
+      z_a[r] += e.ea;
+      z_b[r] += e.eb;
+      if (Separate) e_s_own[k * L + r] = e.es, z_s[r] += e.es;
+      if (Kind != KIND_JSD) cross[r] += cross_term<Kind>(e);
+    }
+  }
+  if (!Separate) std::memcpy(z_s, z_a, L * sizeof(float));
+}
 
 // Rows [begin, end) in blocks of kLanes; scratch holds lanes_scratch_elems(C) floats.
 // Returns -1, or the first row whose target is out of range (as run_rows_typed).
@@ -119,42 +149,29 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
 
     // Pass 2: exps, their sums and the cross sum (kd_math.h step 1, the row as one part).
     float z_a[L], z_b[L], z_s[L], cross[L];
-    Shifts<float> sh[L];
+    float sh_a[L], sh_b[L], sh_s[L];  // the lanes' Shifts, structure of arrays for the vectors
     for (int r = 0; r < L; ++r) {
       z_a[r] = z_b[r] = z_s[r] = cross[r] = 0.0f;
-      sh[r] = shifts_of(max_s[r], max_t[r], inv_t);
+      const Shifts<float> sh = shifts_of(max_s[r], max_t[r], inv_t);
+      sh_a[r] = sh.a, sh_b[r] = sh.b, sh_s[r] = sh.s;
     }
-    // Kind and the hard term's exps fixed at compile time: each loop does only its call's work.
-    auto exps_pass = [&](auto kind_c, auto separate_c) {
-      constexpr int32_t kKind = decltype(kind_c)::value;
-      constexpr HardExp h{0, decltype(separate_c)::value};
-      for (int64_t k = 0; k < C; ++k) {
-#pragma GCC ivdep
-        for (int r = 0; r < L; ++r) {
-          const ElemExps<float> e = elem_exps(s_t[k * L + r], t_t[k * L + r], inv_t, sh[r], h);
-          e_a[k * L + r] = e.ea;
-          e_b[k * L + r] = e.eb;
-          z_a[r] += e.ea;
-          z_b[r] += e.eb;
-          if (h.separate) e_s_own[k * L + r] = e.es, z_s[r] += e.es;
-          if (kKind != KIND_JSD) cross[r] += cross_term<kKind>(e);
-        }
-      }
-      if (!h.separate) std::memcpy(z_s, z_a, sizeof z_s);
-    };
     with_kind(P.kind, [&](auto kind_c) {
+      constexpr int32_t kKind = decltype(kind_c)::value;
       if (hx.separate) {
-        exps_pass(kind_c, std::true_type{});
+        lane_exps<kKind, true>(C, s_t, t_t, inv_t, sh_a, sh_b, sh_s, e_a, e_b, e_s_own, z_a, z_b, z_s, cross);
       } else {
-        exps_pass(kind_c, std::false_type{});
+        lane_exps<kKind, false>(C, s_t, t_t, inv_t, sh_a, sh_b, sh_s, e_a, e_b, e_s_own, z_a, z_b, z_s, cross);
       }
     });
+    // Across the lanes, so the normalizers' logs are vector logs (libmvec).
+#pragma omp simd
     for (int r = 0; r < L; ++r) nm.set(r, row_norm(inv_t, max_s[r], max_t[r], z_a[r], z_b[r], z_s[r]));
 
     // The soft loss: kl / reverse_kl from the cross sum; jsd from a pass of its terms (its
     // gradient ratio replaces e_b).
     float soft[L], row_kl[L];
     if (P.kind != KIND_JSD) {
+#pragma omp simd
       for (int r = 0; r < L; ++r) soft[r] = row_kl[r] = soft_from_cross(P.kind, cross[r], z_a[r], z_b[r]);
     } else {
       const float log_beta = static_cast<float>(P.log_beta);
@@ -214,3 +231,4 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
 }  // namespace KDFAST_ISA
 }  // namespace cpu
 }  // namespace kdfast
+#pragma GCC pop_options

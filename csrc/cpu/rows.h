@@ -172,12 +172,11 @@ template <int Kind, int Squarings, bool Separate, class A>
 __attribute__((always_inline)) inline void chunk_exps(const A* sc, const A* tc, int64_t k0, int64_t kb,
                                                       int64_t kb1, A inv_t, Shifts<A> sh, A* e_a, A* e_b,
                                                       A* e_s_own, ChunkSums<A>& sums) {
-  constexpr HardExp h{Squarings, Separate};
   constexpr bool own_z_s = Squarings > 0 || Separate;
   A z_a = sums.z_a, z_b = sums.z_b, z_s = sums.z_s, cross = sums.cross;
 #pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
   for (int64_t k = kb; k < kb1; ++k) {
-    const ElemExps<A> e = elem_exps(sc[k - k0], tc[k - k0], inv_t, sh, h);
+    const ElemExps<A> e = elem_exps<Squarings, Separate>(sc[k - k0], tc[k - k0], inv_t, sh);
     e_a[k] = e.ea;
     e_b[k] = e.eb;
     if (Separate) e_s_own[k] = e.es;
@@ -192,7 +191,11 @@ __attribute__((always_inline)) inline void chunk_exps(const A* sc, const A* tc, 
 // softmax(s)'s exp at k relative to its chunk's shift: stashed in e_s (its own exps, or e_a
 // itself when e_s aliases it), or e_a squared once or twice (T = 2, 4: hard_exp).
 template <int Squarings, class A> A stashed_hard_exp(const A* e_a, const A* e_s, int64_t k) {
-  return Squarings == 0 ? e_s[k] : hard_exp(A(0), e_a[k], A(0), HardExp{Squarings, false});
+  if constexpr (Squarings == 0) {
+    return e_s[k];
+  } else {
+    return hard_exp<Squarings, false>(A(0), e_a[k], A(0));
+  }
 }
 
 // Per-row scratch of the row loops (5 rows of C plus two records per chunk, see scratch_elems).

@@ -307,23 +307,42 @@ KD_HD HardExp hard_exp_mode(const Params& p) {
   const bool separate = p.hard_coef != 0.0 && !p.same_scale;
   return HardExp{separate ? p.hard_exp_squarings : 0, separate && p.hard_exp_squarings == 0};
 }
+// softmax(s)'s exp from e_a: the mode fixed at compile time (`if constexpr`: GCC's vectorizer
+// keeps a lane loop scalar when it has to fold a mode passed as a value), or at run time.
+template <int Squarings, bool Separate, class A> KD_HD A hard_exp(A s, A e_a, A shift_s) {
+  if constexpr (Squarings == 1) {
+    return e_a * e_a;
+  } else if constexpr (Squarings == 2) {
+    const A ea2 = e_a * e_a;
+    return ea2 * ea2;
+  } else if constexpr (Separate) {
+    return exp_nonpos(s - shift_s);
+  } else {
+    return e_a;
+  }
+}
 template <class A> KD_HD A hard_exp(A s, A e_a, A shift_s, HardExp h) {
-  const A ea2 = e_a * e_a;
-  if (h.squarings == 1) return ea2;
-  if (h.squarings == 2) return ea2 * ea2;
-  return h.separate ? exp_nonpos(s - shift_s) : e_a;
+  if (h.squarings == 1) return hard_exp<1, false>(s, e_a, shift_s);
+  if (h.squarings == 2) return hard_exp<2, false>(s, e_a, shift_s);
+  return h.separate ? hard_exp<0, true>(s, e_a, shift_s) : hard_exp<0, false>(s, e_a, shift_s);
 }
 
 // One element's exponent arguments x (logit/T - shift) and exps.
 template <class A> struct ElemExps { A xa, xb, ea, eb, es; };
-template <class A> KD_HD ElemExps<A> elem_exps(A s, A t, A inv_t, Shifts<A> sh, HardExp h) {
+template <int Squarings, bool Separate, class A>
+KD_HD ElemExps<A> elem_exps(A s, A t, A inv_t, const Shifts<A>& sh) {
   ElemExps<A> e;
   e.xa = s * inv_t - sh.a;
   e.xb = t * inv_t - sh.b;
   e.ea = exp_nonpos(e.xa);
   e.eb = exp_nonpos(e.xb);
-  e.es = hard_exp(s, e.ea, sh.s, h);
+  e.es = hard_exp<Squarings, Separate>(s, e.ea, sh.s);
   return e;
+}
+template <class A> KD_HD ElemExps<A> elem_exps(A s, A t, A inv_t, const Shifts<A>& sh, HardExp h) {
+  if (h.squarings == 1) return elem_exps<1, false>(s, t, inv_t, sh);
+  if (h.squarings == 2) return elem_exps<2, false>(s, t, inv_t, sh);
+  return h.separate ? elem_exps<0, true>(s, t, inv_t, sh) : elem_exps<0, false>(s, t, inv_t, sh);
 }
 
 // The cross sum's term. kl: e_b (x_b - x_a), since log p_k - log q_k = x_b - x_a + log z_a -
