@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdfast._checks import reduce_rows
-from kdfast._sparse_checks import SparseTargets, check_sparse_args
+from kdfast._sparse_checks import SparseTargets, check_sparse_args, check_sparse_scalars
 from kdfast.reference import _weighted, hard_rows, target_rows
 
 __all__ = ["sparse_distillation_loss", "sparse_eager_baseline"]
@@ -166,6 +166,9 @@ def sparse_eager_baseline(
     """
     if kind != "kl":
         raise ValueError(f"kind must be 'kl' (the baseline is forward KL only), got {kind!r}")
+    check_sparse_scalars(tail=tail, kind=kind, teacher_temperature=teacher_temperature)
+    if tail == "bucket" and teacher.tail_logsumexp is None:
+        raise ValueError("tail='bucket' needs teacher.tail_logsumexp, got None")
     T = temperature
     t_t = T if teacher_temperature is None else teacher_temperature
     valid = teacher.indices >= 0

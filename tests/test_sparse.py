@@ -298,3 +298,7 @@ def test_sparse_eager_baseline_is_forward_kl_only():
     teacher = sparse_from_dense(dense, 4, teacher_temperature=1.0, seed=80)
     with pytest.raises(ValueError, match=r"kind must be 'kl'"):
         reference.sparse_eager_baseline(student, teacher, tail="bucket", kind="jsd")
+    with pytest.raises(ValueError, match=r"tail must be one of"):
+        reference.sparse_eager_baseline(student, teacher, tail="buckets")
+    with pytest.raises(ValueError, match=r"tail='bucket' needs teacher.tail_logsumexp"):
+        reference.sparse_eager_baseline(student, teacher._replace(tail_logsumexp=None), tail="bucket")
