@@ -7,6 +7,10 @@ the same bf16/fp16 tensors the kernel sees, never re-round them.
 
 ``eager_baseline`` is what a user would write by hand with torch.nn.functional; the benchmarks
 time it (eager and under torch.compile) against the fused kernels.
+
+The sparse-target oracle and baseline, ``sparse_distillation_loss`` and
+``sparse_eager_baseline``, live in kdfast/reference_sparse.py (built on the helpers here) and
+are re-exported from this module.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 
 from kdfast._checks import check_distillation_args, reduce_rows
 
-__all__ = ["distillation_loss", "eager_baseline"]
+__all__ = ["distillation_loss", "eager_baseline", "sparse_distillation_loss", "sparse_eager_baseline"]
 
 
 def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -76,6 +80,16 @@ def distillation_loss(
     if target is None:
         return reduce_rows(soft, None, reduction, batch_shape)
 
+    y, counted = target_rows(target, n_cols, ignore_index)
+    hard = hard_rows(s, y, counted, label_smoothing)
+    rows = alpha * soft + (1 - alpha) * hard if alpha < 1 else soft
+    rows = torch.where(counted, rows, torch.zeros_like(rows))
+    return reduce_rows(rows, counted, reduction, batch_shape)
+
+
+def target_rows(target: torch.Tensor, n_cols: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat int64 targets and the mask of counted rows (target != ignore_index); raises a
+    ValueError naming the first counted target outside [0, n_cols)."""
     y = target.reshape(-1).long()
     counted = y != ignore_index
     bad = counted & ((y < 0) | (y >= n_cols))
@@ -85,14 +99,19 @@ def distillation_loss(
             f"target[{i}] = {int(y[i])} is out of range: expected a class index in [0, {n_cols}) "
             f"or ignore_index={ignore_index}"
         )
+    return y, counted
+
+
+def hard_rows(
+    s: torch.Tensor, y: torch.Tensor, counted: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
+    """Per-row cross-entropy of softmax(s) (T = 1) against y with label smoothing eps:
+    (1-eps)*(-log r_y) + eps*mean_j(-log r_j); rows not counted get a finite dummy value."""
     log_r = F.log_softmax(s, dim=-1)
     nll = -log_r.gather(-1, torch.where(counted, y, 0).unsqueeze(-1)).squeeze(-1)
-    hard = nll
     if label_smoothing > 0:
-        hard = (1 - label_smoothing) * nll - label_smoothing * log_r.mean(-1)
-    rows = alpha * soft + (1 - alpha) * hard if alpha < 1 else soft
-    rows = torch.where(counted, rows, torch.zeros_like(rows))
-    return reduce_rows(rows, counted, reduction, batch_shape)
+        return (1 - label_smoothing) * nll - label_smoothing * log_r.mean(-1)
+    return nll
 
 
 def eager_baseline(
@@ -144,3 +163,7 @@ def _eager_soft(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float
     return beta * F.kl_div(log_m, log_p, reduction=reduction, log_target=True) + (
         1 - beta
     ) * F.kl_div(log_m, log_q, reduction=reduction, log_target=True)
+
+
+# At the end: kdfast.reference_sparse imports the helpers above from this module.
+from kdfast.reference_sparse import sparse_distillation_loss, sparse_eager_baseline  # noqa: E402
