@@ -22,7 +22,7 @@ SHARED = ROOT / "csrc" / "include" / "kdfast" / "kd_math.h"
 # Calls only kd_math.h's step functions may make.
 INNER_HELPERS = [
     "exp_nonpos", "kd_log", "log_mixture", "log1p_unit", "weighted", "soft_grad_kl",
-    "soft_grad_mode_seeking", "hard_grad", "log_ratio_pq", "exp_arg_a", "exp_arg_b",
+    "soft_grad_mode_seeking", "hard_grad", "log_ratio_pq",
     "to_acc_float", "exp", "expf", "log", "logf", "log1p", "log1pf", "__expf", "__logf",
 ]
 # Normalizer fields: arithmetic on them is a formula (passing a RowNorm along is not).

@@ -33,8 +33,9 @@ using namespace ::kdfast::math;
 
 // Rows already in the accumulation type are read in place; others are widened into scratch
 // chunk by chunk as pass 2 reaches them (the prefetched reads; the widened chunk stays in L1
-// for the maxima and exps): into the row's own slots when pass 3 reads the whole row again,
-// else into one reused chunk (kl: no row-sized buffer streams through L2).
+// for the maxima and exps): into the row's own slots when a later pass reads the row again
+// (reverse_kl's gradient, jsd), else into one reused chunk (kl: no row-sized buffer streams
+// through L2).
 template <class A, class S>
 const A* acc_row(const S*, A* buf) { return buf; }
 template <class A>

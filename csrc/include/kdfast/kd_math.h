@@ -206,10 +206,6 @@ KD_HD RowNorm<A> row_norm(A inv_t, A max_s, A max_t, A z_a, A z_b, A z_s) {
   return n;
 }
 
-// Pass-2 exponent arguments.
-template <class A> KD_HD A exp_arg_a(A s, RowNorm<A> n) { return s * n.inv_t - n.max_a; }
-template <class A> KD_HD A exp_arg_b(A t, RowNorm<A> n) { return t * n.inv_t - n.max_b; }
-
 // log p - log q for one element, from the raw logits.
 template <class A> KD_HD A log_ratio_pq(A s, A t, RowNorm<A> n) {
   return (t - s) * n.inv_t + n.lse_gap;
@@ -250,7 +246,7 @@ KD_HD A hard_grad(A e_s, A eps_over_c, RowNorm<A> n) { return e_s * n.inv_zs - e
 //   kl:          q_k - p_k
 //   reverse_kl:  q_k * (log q_k - log p_k - KL(q||p))
 //   jsd:         (1-beta) * q_k * (log q_k - log m_k - KL(q||m))
-// `ratio` is the per-element log ratio stashed by pass 3 (unused for kl).
+// `ratio` is the element's log ratio (reverse_kl_ratio, or jsd_terms' ratio; unused for kl).
 template <class A>
 KD_HD A soft_grad_kl(A e_a, A e_b, RowNorm<A> n) { return e_a * n.inv_za - e_b * n.inv_zb; }
 template <class A>
