@@ -425,11 +425,19 @@ KDFAST_DEV math::PartStats<A> fold_records(const KernelArgs& a, const RowCtx<A>&
   return st;
 }
 
+// A unit's row and segment [k0, k1) of it.
+struct Unit {
+  int64_t row;
+  int k0, k1;
+};
+KDFAST_DEV Unit unit_of(const KernelArgs& a, int64_t unit) {
+  const int k0 = static_cast<int>(unit % a.splits) * a.split_cols;
+  return Unit{unit / a.splits, k0, imin(a.n_cols, k0 + a.split_cols)};
+}
+
 template <class S, class T, class Gd, class A, int V, class Group>
 KDFAST_DEV void split_stats(const KernelArgs& a, int64_t unit, const Group& grp, int& parity) {
-  const int64_t row = unit / a.splits;
-  const int k0 = static_cast<int>(unit % a.splits) * a.split_cols;
-  const int k1 = imin(a.n_cols, k0 + a.split_cols);
+  const auto [row, k0, k1] = unit_of(a, unit);
   int64_t y;
   if (!row_counts<V, A, Gd>(a, row, k0, k1, grp.rank, grp.width, &y)) return;
   const S* s = static_cast<const S*>(a.student) + row * a.student_row_stride;
@@ -446,9 +454,7 @@ KDFAST_DEV void split_stats(const KernelArgs& a, int64_t unit, const Group& grp,
 
 template <class S, class T, class Gd, class A, int V, class Group>
 KDFAST_DEV void split_jsd(const KernelArgs& a, int64_t unit, const Group& grp, int& parity) {
-  const int64_t row = unit / a.splits;
-  const int k0 = static_cast<int>(unit % a.splits) * a.split_cols;
-  const int k1 = imin(a.n_cols, k0 + a.split_cols);
+  const auto [row, k0, k1] = unit_of(a, unit);
   int64_t y;
   if (!row_target_ok(a, row, &y)) return;  // done in split_stats
   const S* s = static_cast<const S*>(a.student) + row * a.student_row_stride;
@@ -466,9 +472,7 @@ KDFAST_DEV void split_jsd(const KernelArgs& a, int64_t unit, const Group& grp, i
 
 template <class S, class T, class Gd, class A, int V, class Group>
 KDFAST_DEV void split_finish(const KernelArgs& a, int64_t unit, const Group& grp) {
-  const int64_t row = unit / a.splits;
-  const int k0 = static_cast<int>(unit % a.splits) * a.split_cols;
-  const int k1 = imin(a.n_cols, k0 + a.split_cols);
+  const auto [row, k0, k1] = unit_of(a, unit);
   int64_t y;
   if (!row_target_ok(a, row, &y)) return;  // done in split_stats
   const S* s = static_cast<const S*>(a.student) + row * a.student_row_stride;
