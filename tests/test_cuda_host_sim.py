@@ -26,7 +26,7 @@ CACHE = ROOT / "build" / "cuda_host_sim"
 CXX = os.environ.get("CXX", "g++")
 FLAGS = ["-std=c++20", "-O2", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall",
          "-Wno-unknown-pragmas"]
-# Random configurations per run: about 560 cases (each one dtype pair), ~45 s on 2 cores.
+# Random configurations of the full run: about 560 cases (each one dtype pair), ~45 s on 2 cores.
 CASES = int(os.environ.get("KDFAST_CUDA_SIM_CASES", "200"))
 
 pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"needs a C++ compiler ({CXX})")
@@ -61,12 +61,22 @@ def run_simulation(binary: Path, cases: int, seed: int) -> subprocess.CompletedP
     return subprocess.run([str(binary), str(cases), str(seed)], capture_output=True, text=True, timeout=600)
 
 
-def test_cuda_rows_match_cpu_rows_on_host_threads(request):
-    result = run_simulation(build_simulation(), CASES, 1234)
+def _check_simulation(request, cases: int, seed: int) -> None:
+    result = run_simulation(build_simulation(), cases, seed)
     summary = result.stdout.strip().splitlines()[-1]
     request.config.stash.setdefault(SIM_SUMMARY, []).append(summary)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert summary.endswith(" 0 failures"), summary
+
+
+def test_cuda_rows_match_cpu_rows_quick(request):
+    # The fast subset's share (-m "not slow"): ~170 cases, a few seconds once compiled.
+    _check_simulation(request, 60, 99)
+
+
+@pytest.mark.slow
+def test_cuda_rows_match_cpu_rows_on_host_threads(request):
+    _check_simulation(request, CASES, 1234)
 
 
 MUTATIONS = {
