@@ -150,6 +150,7 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
     // Pass 2: exps, their sums and the cross sum (kd_math.h step 1, the row as one part).
     float z_a[L], z_b[L], z_s[L], cross[L];
     float sh_a[L], sh_b[L], sh_s[L];  // the lanes' Shifts, structure of arrays for the vectors
+#pragma omp simd
     for (int r = 0; r < L; ++r) {
       z_a[r] = z_b[r] = z_s[r] = cross[r] = 0.0f;
       const Shifts<float> sh = shifts_of(max_s[r], max_t[r], inv_t);
