@@ -303,8 +303,9 @@ KD_HD HardExp hard_exp_mode(const Params& p) {
   const bool separate = p.hard_coef != 0.0 && !p.same_scale;
   return HardExp{separate ? p.hard_exp_squarings : 0, separate && p.hard_exp_squarings == 0};
 }
-// softmax(s)'s exp from e_a: the mode fixed at compile time (`if constexpr`: GCC's vectorizer
-// keeps a lane loop scalar when it has to fold a mode passed as a value), or at run time.
+// softmax(s)'s exp from e_a, the mode fixed at compile time (`if constexpr`: GCC's vectorizer
+// kept a lane loop scalar when it had to fold a mode passed as a value); elem_exps(..., HardExp)
+// dispatches a run-time mode (the CUDA rows).
 template <int Squarings, bool Separate, class A> KD_HD A hard_exp(A s, A e_a, A shift_s) {
   if constexpr (Squarings == 1) {
     return e_a * e_a;
@@ -316,11 +317,6 @@ template <int Squarings, bool Separate, class A> KD_HD A hard_exp(A s, A e_a, A 
   } else {
     return e_a;
   }
-}
-template <class A> KD_HD A hard_exp(A s, A e_a, A shift_s, HardExp h) {
-  if (h.squarings == 1) return hard_exp<1, false>(s, e_a, shift_s);
-  if (h.squarings == 2) return hard_exp<2, false>(s, e_a, shift_s);
-  return h.separate ? hard_exp<0, true>(s, e_a, shift_s) : hard_exp<0, false>(s, e_a, shift_s);
 }
 
 // One element's exponent arguments x (logit/T - shift) and exps.
@@ -424,7 +420,6 @@ KD_HD PartStats<A> merge_parts(const PartStats<A>& x, const PartStats<A>& y, A i
   PartStats<A> m = empty_part<A>();
   m.max_s = nan_max(x.max_s, y.max_s);
   m.max_t = nan_max(x.max_t, y.max_t);
-  m.sum_s = A(0);
   add_scaled(m, x, part_scales(x.max_s, x.max_t, m.max_s, m.max_t, inv_t, h), kind);
   add_scaled(m, y, part_scales(y.max_s, y.max_t, m.max_s, m.max_t, inv_t, h), kind);
   return m;
