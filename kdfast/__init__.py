@@ -15,6 +15,7 @@ from kdfast._ext import HAS_EXTENSION, buffer_pool_stats, build_info, release_bu
 from kdfast.functional import DistillationLossFunction, distillation_loss
 from kdfast.module import KDLoss
 from kdfast.sparse import SparseKDLoss, SparseTargets, sparse_distillation_loss
+from kdfast.topk import TopKTargets, topk_targets
 
 __version__ = "0.1.0"
 
@@ -24,10 +25,12 @@ __all__ = [
     "KDLoss",
     "SparseKDLoss",
     "SparseTargets",
+    "TopKTargets",
     "buffer_pool_stats",
     "build_info",
     "distillation_loss",
     "reference",
     "release_buffers",
     "sparse_distillation_loss",
+    "topk_targets",
 ]
