@@ -27,6 +27,29 @@ const c10::TypedOperatorHandle<DistillFwdSig>& distill_fwd_op() {
   return op;
 }
 
+using LinearDistillFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, double, double, c10::string_view, double, int64_t, double,
+    bool, int64_t, bool, const c10::optional<at::Tensor>&);
+
+const c10::TypedOperatorHandle<LinearDistillFwdSig>& linear_distill_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdfast::linear_distill_fwd", "")
+                             .typed<LinearDistillFwdSig>();
+  return op;
+}
+
+c10::optional<at::Tensor> rows_of(const at::Tensor& t) {
+  if (!t.defined()) return c10::nullopt;
+  return t.detach().reshape({-1, t.size(-1)});
+}
+
+c10::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t.detach()) : c10::nullopt;
+}
+
 enum class Reduction { kMean, kSum, kNone };
 
 Reduction parse_reduction(const std::string& reduction) {
@@ -83,6 +106,54 @@ DistillResult distillation_loss(const at::Tensor& student_logits,
   // float64 when either input is float64: cast only then.
   grad = grad.to(student_logits.scalar_type());
   out.grad_student = grad.reshape(student_logits.sizes());
+  return out;
+}
+
+LinearDistillResult linear_distillation_loss(const at::Tensor& student_hidden,
+                                             const at::Tensor& student_weight,
+                                             const c10::optional<at::Tensor>& student_bias,
+                                             const LinearTeacher& teacher,
+                                             const c10::optional<at::Tensor>& target,
+                                             const DistillOptions& options, int64_t chunk_rows) {
+  const Reduction reduction = parse_reduction(options.reduction);
+  TORCH_CHECK_VALUE(student_hidden.defined() && student_hidden.dim() >= 1,
+                    "student_hidden must be a (..., H) tensor");
+  const auto batch_shape = student_hidden.sizes().slice(0, student_hidden.dim() - 1);
+  const bool has_target = target.has_value() && target->defined();
+  if (has_target) {
+    TORCH_CHECK_VALUE(target->sizes() == batch_shape, "target shape ", target->sizes(),
+                      " must equal student_hidden.shape[:-1] = ", batch_shape);
+  }
+  at::NoGradGuard no_grad;
+  const at::Tensor hidden = student_hidden.detach().reshape({-1, student_hidden.size(-1)});
+  c10::optional<at::Tensor> flat_target;
+  if (has_target) flat_target = target->detach().reshape({-1});
+  // The mean's divisor on the device (no host sync): counted rows, at least 1.
+  at::Tensor scale;
+  if (reduction == Reduction::kMean) {
+    const auto wide = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor counted =
+        has_target ? flat_target->ne(options.ignore_index).sum().to(wide)
+                   : at::full({}, static_cast<double>(hidden.size(0)), hidden.options().dtype(wide));
+    scale = counted.clamp_min(1).reciprocal().reshape({1});
+  }
+  auto [loss_rows, d_hidden, d_weight, d_bias] = linear_distill_fwd_op().call(
+      hidden, student_weight.detach(), maybe(student_bias.value_or(at::Tensor())), flat_target,
+      rows_of(teacher.logits), rows_of(teacher.hidden), maybe(teacher.weight),
+      maybe(teacher.bias), options.temperature, options.alpha, options.kind, options.beta,
+      options.ignore_index, options.label_smoothing, options.scale_by_t2, chunk_rows,
+      /*compute_grad=*/true, scale.defined() ? c10::optional<at::Tensor>(scale) : c10::nullopt);
+
+  LinearDistillResult out;
+  if (reduction == Reduction::kNone) {
+    out.loss = loss_rows.reshape(batch_shape);
+  } else {
+    out.loss = loss_rows.sum();
+    if (scale.defined()) out.loss = out.loss * scale.reshape({}).to(out.loss.scalar_type());
+  }
+  out.grad_hidden = d_hidden.reshape(student_hidden.sizes());
+  out.grad_weight = d_weight;
+  if (student_bias.has_value() && student_bias->defined()) out.grad_bias = d_bias;
   return out;
 }
 

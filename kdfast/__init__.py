@@ -13,6 +13,7 @@ from kdfast import (
 )
 from kdfast._ext import HAS_EXTENSION, buffer_pool_stats, build_info, release_buffers
 from kdfast.functional import DistillationLossFunction, distillation_loss
+from kdfast.linear import LinearKDLoss, linear_distillation_loss
 from kdfast.module import KDLoss
 from kdfast.sparse import SparseKDLoss, SparseTargets, sparse_distillation_loss
 from kdfast.topk import TopKTargets, topk_targets
@@ -23,12 +24,14 @@ __all__ = [
     "HAS_EXTENSION",
     "DistillationLossFunction",
     "KDLoss",
+    "LinearKDLoss",
     "SparseKDLoss",
     "SparseTargets",
     "TopKTargets",
     "buffer_pool_stats",
     "build_info",
     "distillation_loss",
+    "linear_distillation_loss",
     "reference",
     "release_buffers",
     "sparse_distillation_loss",

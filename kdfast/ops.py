@@ -107,6 +107,19 @@ if HAS_EXTENSION:
     def _scale_rows_fake(grad, row_scale, dtype):
         return grad.new_empty(grad.shape, dtype=dtype)
 
+    @torch.library.register_fake("kdfast::linear_distill_fwd")
+    def _linear_distill_fwd_fake(
+        hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight,
+        teacher_bias, temperature, alpha, kind, beta, ignore_index, label_smoothing,
+        scale_by_t2, chunk_rows, compute_grad, row_scale,
+    ):
+        wide = torch.float64 in (hidden.dtype, getattr(teacher_logits, "dtype", None))
+        loss_rows = hidden.new_empty((hidden.shape[0],), dtype=torch.float64 if wide else torch.float32)
+        if not compute_grad:
+            return loss_rows, *(hidden.new_empty((0,)) for _ in range(3))
+        d_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
+        return loss_rows, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), d_bias
+
     def is_eager(t: torch.Tensor) -> bool:
         # A plain tensor outside torch.compile's tracing: its buffer may be handed to autograd.
         return type(t) is torch.Tensor and not torch.compiler.is_compiling()

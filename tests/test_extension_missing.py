@@ -44,6 +44,14 @@ SCRIPT = textwrap.dedent(
         results[kind] = [float((loss - ref).abs()), float((grad - ref_grad).abs().max()),
                          float((mod - ref).abs()), float(loss)]
     out["results"] = results
+    w = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    fused = kdfast.linear_distillation_loss(h, w, y, teacher_logits=t, temperature=2.0)
+    (fused_grad,) = torch.autograd.grad(fused, w)
+    w2 = w.detach().clone().requires_grad_()
+    ref = reference.distillation_loss(h @ w2.T, t, y, temperature=2.0)
+    (ref_grad,) = torch.autograd.grad(ref, w2)
+    out["linear"] = [float((fused - ref).abs()), float((fused_grad - ref_grad).abs().max())]
     try:
         kdfast.distillation_loss(s.detach().clone(), t, y, inplace=True)
         out["inplace_error"] = None
@@ -75,4 +83,5 @@ def test_import_without_compiled_module_falls_back_to_reference():
     for kind, (d_loss, d_grad, d_mod, loss) in out["results"].items():
         assert d_loss == 0.0 and d_grad == 0.0 and d_mod == 0.0, kind
         assert loss > 0
+    assert out["linear"] == [0.0, 0.0]
     assert out["inplace_error"] is not None and "kdfast._C" in out["inplace_error"]

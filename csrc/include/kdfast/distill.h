@@ -99,4 +99,35 @@ KDFAST_API DistillResult distillation_loss(const at::Tensor& student_logits,
                                            const c10::optional<at::Tensor>& target,
                                            const DistillOptions& options = {});
 
+// The teacher of linear_distillation_loss: exactly one form is defined.
+struct LinearTeacher {
+  at::Tensor logits;  // (..., C) dense teacher logits (e.g. from a soft-target cache), or
+  at::Tensor hidden;  // (..., H_t) teacher hidden states with
+  at::Tensor weight;  // (C, H_t) the teacher's output layer and
+  at::Tensor bias;    // (C,) its bias, or undefined.
+};
+
+struct LinearDistillResult {
+  // The reduced loss, as DistillResult::loss.
+  at::Tensor loss;
+  // d loss / d student_hidden (its shape and dtype), d loss / d student_weight and
+  // d loss / d student_bias (undefined without a bias); for "none" the gradients of
+  // loss.sum(). Weight and bias gradients are summed over the chunks in float32 (float64 for
+  // float64) and rounded once into the weight's dtype.
+  at::Tensor grad_hidden, grad_weight, grad_bias;
+};
+
+// distillation_loss(student_hidden @ student_weight.T + student_bias, teacher logits, target,
+// options) without ever holding the (..., C) student logits: rows are processed chunk_rows at
+// a time (0: as many as keep a chunk's logit buffers within 64 MiB); each chunk's logits come
+// from a matmul, become their own gradient in the fused kernel, and feed the gradient
+// matmuls. student_hidden (..., H) float32/bfloat16/float16/float64, student_weight (C, H) and
+// student_bias (C,) of the same dtype. Teacher tensors, target and errors as in
+// distillation_loss (a missing or double teacher form is a c10::ValueError).
+KDFAST_API LinearDistillResult linear_distillation_loss(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight,
+    const c10::optional<at::Tensor>& student_bias, const LinearTeacher& teacher,
+    const c10::optional<at::Tensor>& target, const DistillOptions& options = {},
+    int64_t chunk_rows = 0);
+
 }  // namespace kdfast

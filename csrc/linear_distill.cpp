@@ -1,0 +1,206 @@
+// kdfast::linear_distill_fwd: the student's output layer fused with the distillation loss.
+//
+// Rows are processed in chunks. Per chunk: the student logits come from one matmul (ATen:
+// BLAS / cuBLAS), the fused row kernel (kdfast::distill_fwd_inplace) turns them into their
+// own gradient in place, and the chunk's hidden, weight and bias gradients follow from two
+// more matmuls. So at most one chunk of logits (plus the teacher's, when it is computed from
+// its hidden states) exists at a time: never the N x C logits. Device-generic: the same code
+// runs for CPU and CUDA tensors (the matmuls and the row kernel dispatch by device).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "op_common.h"
+
+namespace kdfast {
+namespace {
+
+using Opt = c10::optional<at::Tensor>;
+
+using DistillFwdSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const Opt&, double, double, c10::string_view, double,
+    int64_t, double, bool, bool, bool);
+using DistillInplaceSig = at::Tensor(at::Tensor&, const at::Tensor&, const Opt&, double, double,
+                                     c10::string_view, double, int64_t, double, bool, bool);
+
+const c10::TypedOperatorHandle<DistillFwdSig>& distill_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdfast::distill_fwd", "")
+                             .typed<DistillFwdSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<DistillInplaceSig>& distill_inplace_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdfast::distill_fwd_inplace", "")
+                             .typed<DistillInplaceSig>();
+  return op;
+}
+
+// The default chunk: as many rows as keep the chunk's logit buffers (the student's, the
+// teacher's when computed from its hidden states, a float32 gradient for float16) within
+// 64 MiB: large enough that the matmuls run at full speed, small enough to stay far below the
+// N x C logits of a language model's batch (8192 x 128k float32 = 4 GiB).
+constexpr int64_t kChunkBudgetBytes = int64_t(64) << 20;
+
+int64_t default_chunk_rows(int64_t n_rows, int64_t n_cols, int64_t bytes_per_elem) {
+  const int64_t row_bytes = std::max<int64_t>(1, n_cols * bytes_per_elem);
+  const int64_t rows = std::max<int64_t>(1, kChunkBudgetBytes / row_bytes);
+  return std::min(rows, std::max<int64_t>(n_rows, 1));
+}
+
+bool given(const Opt& t) { return t.has_value() && t->defined(); }
+
+// One layer: logits = x @ w.T (+ b), as torch.nn.functional.linear computes them.
+at::Tensor layer_logits(const at::Tensor& x, const at::Tensor& w, const Opt& b) {
+  return given(b) ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+}
+
+void check_layer(const char* x_name, const at::Tensor& x, const char* w_name,
+                 const at::Tensor& w, const char* b_name, const Opt& b) {
+  TORCH_CHECK_VALUE(x.dim() == 2, x_name, " must be (N, H), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == x.size(1), w_name, " must be (C, H) with H = ",
+                    x_name, ".shape[-1] = ", x.size(1), ", got shape ", w.sizes());
+  TORCH_CHECK_VALUE(w.scalar_type() == x.scalar_type(), w_name, " dtype ", w.scalar_type(),
+                    " must equal ", x_name, " dtype ", x.scalar_type());
+  if (given(b)) {
+    TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == w.size(0), b_name, " must be (C,) with C = ",
+                      w.size(0), ", got shape ", b->sizes());
+    TORCH_CHECK_VALUE(b->scalar_type() == x.scalar_type(), b_name, " dtype ", b->scalar_type(),
+                      " must equal ", x_name, " dtype ", x.scalar_type());
+  }
+}
+
+struct Teacher {
+  Opt logits, hidden, weight, bias;
+
+  at::Tensor chunk(int64_t start, int64_t rows) const {
+    if (given(logits)) return logits->narrow(0, start, rows);
+    return layer_logits(hidden->narrow(0, start, rows), *weight, bias);
+  }
+};
+
+void check_teacher(const Teacher& t, int64_t n_rows, int64_t n_cols) {
+  TORCH_CHECK_VALUE(given(t.logits) != given(t.hidden),
+                    "exactly one teacher form: teacher_logits, or teacher_hidden with "
+                    "teacher_weight (got ", given(t.logits) ? "both" : "neither", ")");
+  if (given(t.logits)) {
+    TORCH_CHECK_VALUE(t.logits->dim() == 2 && t.logits->size(0) == n_rows &&
+                          t.logits->size(1) == n_cols,
+                      "teacher_logits must be (N, C) = (", n_rows, ", ", n_cols, "), got shape ",
+                      t.logits->sizes());
+    return;
+  }
+  TORCH_CHECK_VALUE(given(t.weight), "teacher_hidden needs teacher_weight (C, H_t)");
+  check_layer("teacher_hidden", *t.hidden, "teacher_weight", *t.weight, "teacher_bias", t.bias);
+  TORCH_CHECK_VALUE(t.hidden->size(0) == n_rows && t.weight->size(0) == n_cols,
+                    "teacher_hidden must have N = ", n_rows, " rows and teacher_weight C = ",
+                    n_cols, " classes, got ", t.hidden->sizes(), " and ", t.weight->sizes());
+}
+
+// The layer's gradients: hidden in its own dtype (each row written once), weight and bias
+// accumulated over the chunks in float32 (float64 for float64 inputs).
+struct LayerGrads {
+  at::Tensor hidden, weight, bias;
+};
+
+// Adds one chunk's contribution. `g` is d loss_i / d logits for the chunk's rows, already
+// scaled per row when the scale differs between rows; `uniform` (one element, or undefined
+// for 1) scales the whole product instead, which keeps it out of the C-wide rows.
+void add_chunk_grads(LayerGrads& acc, const at::Tensor& g, const at::Tensor& x,
+                     const at::Tensor& w, int64_t start, const at::Tensor& uniform) {
+  // float16 rows come back in float32 (see op_common.h's grad_dtype): multiply in float32.
+  const at::Tensor wm = g.scalar_type() == w.scalar_type() ? w : w.to(g.scalar_type());
+  const at::Tensor xm = g.scalar_type() == x.scalar_type() ? x : x.to(g.scalar_type());
+  at::Tensor d_x = at::mm(g, wm);
+  if (uniform.defined()) d_x.mul_(uniform);
+  acc.hidden.narrow(0, start, x.size(0)).copy_(d_x);
+  if (acc.weight.scalar_type() == g.scalar_type()) {
+    acc.weight.addmm_(g.t(), xm);
+  } else {
+    acc.weight.add_(at::mm(g.t(), xm));  // each chunk's product rounded once, summed wide
+  }
+  if (acc.bias.defined()) acc.bias.add_(at::sum(g, 0, false, acc.bias.scalar_type()));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const Opt& bias, const Opt& target,
+    const Opt& teacher_logits, const Opt& teacher_hidden, const Opt& teacher_weight,
+    const Opt& teacher_bias, double temperature, double alpha, c10::string_view kind, double beta,
+    int64_t ignore_index, double label_smoothing, bool scale_by_t2, int64_t chunk_rows,
+    bool compute_grad, const Opt& row_scale) {
+  check_layer("student_hidden", hidden, "student_weight", weight, "student_bias", bias);
+  const int64_t n_rows = hidden.size(0), n_cols = weight.size(0);
+  const Teacher teacher{teacher_logits, teacher_hidden, teacher_weight, teacher_bias};
+  check_teacher(teacher, n_rows, n_cols);
+  TORCH_CHECK_VALUE(chunk_rows >= 0, "chunk_rows must be >= 1 (or 0 for the default), got ",
+                    chunk_rows);
+  const bool per_row_scale = given(row_scale) && row_scale->numel() != 1;
+  if (per_row_scale) {
+    TORCH_CHECK_VALUE(row_scale->dim() == 1 && row_scale->size(0) == n_rows,
+                      "row_scale must have one element or N = ", n_rows, ", got shape ",
+                      row_scale->sizes());
+  }
+  const at::ScalarType dtype = hidden.scalar_type();
+  const bool wide = dtype == at::kDouble || (given(teacher_logits) &&
+                                             teacher_logits->scalar_type() == at::kDouble);
+  // The gradient overwrites the chunk's logits, unless their dtype cannot hold it (float16:
+  // see grad_dtype in op_common.h; a float64 teacher widens the gradient to float64).
+  const bool in_place = compute_grad && dtype != at::kHalf && (dtype == at::kDouble || !wide);
+  const int64_t elem = hidden.element_size() + (given(teacher_hidden) ? hidden.element_size() : 0) +
+                       (compute_grad && !in_place ? 8 : 0);
+  const int64_t rows = chunk_rows > 0 ? chunk_rows : default_chunk_rows(n_rows, n_cols, elem);
+
+  at::Tensor loss_rows = at::empty({n_rows}, hidden.options().dtype(wide ? at::kDouble : at::kFloat));
+  LayerGrads acc;
+  at::Tensor uniform;
+  if (compute_grad) {
+    const at::ScalarType acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    acc.hidden = at::empty(hidden.sizes(), hidden.options());
+    acc.weight = at::zeros(weight.sizes(), weight.options().dtype(acc_dtype));
+    if (given(bias)) acc.bias = at::zeros(bias->sizes(), bias->options().dtype(acc_dtype));
+    if (given(row_scale) && !per_row_scale) uniform = row_scale->reshape({}).to(acc_dtype);
+  }
+  for (int64_t start = 0; start < n_rows; start += rows) {
+    const int64_t len = std::min(rows, n_rows - start);
+    const at::Tensor x = hidden.narrow(0, start, len);
+    at::Tensor logits = layer_logits(x, weight, bias);
+    const at::Tensor t = teacher.chunk(start, len);
+    const Opt y = given(target) ? Opt(target->narrow(0, start, len)) : Opt();
+    at::Tensor loss, g;
+    if (!in_place) {
+      std::tie(loss, g) = distill_fwd_op().call(logits, t, y, temperature, alpha, kind, beta,
+                                                ignore_index, label_smoothing, scale_by_t2,
+                                                compute_grad, false);
+    } else {
+      loss = distill_inplace_op().call(logits, t, y, temperature, alpha, kind, beta, ignore_index,
+                                       label_smoothing, scale_by_t2, false);
+      g = logits;
+    }
+    loss_rows.narrow(0, start, len).copy_(loss);
+    if (!compute_grad) continue;
+    if (per_row_scale) g.mul_(row_scale->narrow(0, start, len).unsqueeze(1));
+    add_chunk_grads(acc, g, x, weight, start, uniform);
+  }
+  if (!compute_grad) {  // three distinct empty outputs: the schema declares no aliasing
+    return {loss_rows, at::empty({0}, hidden.options()), at::empty({0}, hidden.options()),
+            at::empty({0}, hidden.options())};
+  }
+  if (uniform.defined()) {
+    acc.weight.mul_(uniform);
+    if (acc.bias.defined()) acc.bias.mul_(uniform);
+  }
+  at::Tensor d_bias = acc.bias.defined() ? acc.bias.to(dtype) : at::empty({0}, hidden.options());
+  return {loss_rows, acc.hidden, acc.weight.to(dtype), d_bias};
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("linear_distill_fwd", &linear_distill_fwd); }
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) { m.impl("linear_distill_fwd", &linear_distill_fwd); }
+
+}  // namespace kdfast

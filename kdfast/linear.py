@@ -1,0 +1,348 @@
+"""The student's output layer fused with the distillation loss: kdfast.linear_distillation_loss
+and kdfast.LinearKDLoss.
+
+In language-model distillation the logits dominate memory (8192 tokens x a 128k vocabulary is
+4 GiB in float32 for the student alone, more with the teacher's and autograd's copies). Here
+the student's logits exist one chunk of rows at a time: a chunk's logits come from a matmul,
+the fused row kernel turns them into their own gradient in place, and the chunk's hidden,
+weight and bias gradients follow (csrc/linear_distill.cpp, one op for CPU and CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdfast import reference
+from kdfast._checks import KINDS, REDUCTIONS, check_distillation_args, reduce_rows
+from kdfast._ext import HAS_EXTENSION
+from kdfast._sparse_checks import SparseTargets
+from kdfast.module import _check_bool, _check_ignore_index, _check_str
+from kdfast.ops import once_differentiable_output
+
+__all__ = ["LinearKDLoss", "linear_distillation_loss"]
+
+
+class _Teacher(NamedTuple):
+    """The dense teacher forms, flattened to rows: logits (N, C), or hidden (N, H_t) with
+    weight (C, H_t) and bias (C,) or None."""
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_sparse: SparseTargets | None = None,
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    alpha: float = 0.5,
+    kind: str = "kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    scale_by_t2: bool = True,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """:func:`kdfast.distillation_loss` of the student logits ``student_hidden @
+    student_weight.T + student_bias``, without ever holding those (..., C) logits.
+
+    Exactly one teacher form: ``teacher_logits`` (..., C) (e.g. from a soft-target cache), or
+    ``teacher_hidden`` (..., H_t) with ``teacher_weight`` (C, H_t) and optional
+    ``teacher_bias`` (C,), whose logits are then computed chunk by chunk too. The loss equals
+    ``distillation_loss(F.linear(student_hidden, student_weight, student_bias), teacher logits,
+    target, ...)`` for every argument, within float rounding; ``temperature`` .. ``scale_by_t2``
+    mean what they mean there (T**2 factor included by default).
+
+    Args:
+        student_hidden: (..., H) float32/bfloat16/float16/float64, the last hidden states.
+        student_weight: (C, H), the output layer's weight, same dtype (tied input embeddings
+            work: the gradient is accumulated into the shared parameter by autograd).
+        target: (...) class indices or ``ignore_index``, or None.
+        student_bias: (C,) or None.
+        teacher_sparse, tail, teacher_temperature: the sparse teacher form (coming with the
+            fused sparse kernel): passing ``teacher_sparse`` raises NotImplementedError for
+            now; ``teacher_temperature`` must be None or equal ``temperature`` for dense
+            teachers.
+        chunk_rows: rows per chunk; None picks as many as keep a chunk's logit buffers (the
+            student's, the teacher's when computed, a float32 gradient for float16) within
+            64 MiB, all rows when they fit.
+
+    Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``, never to a
+    teacher tensor (one requiring grad raises). With reduction "mean"/"sum" they are computed
+    during the forward pass (no second pass over the vocabulary) and scaled by grad_output in
+    backward; with "none" backward recomputes the chunks with each row's grad_output. No
+    gradient matmul runs under ``torch.no_grad()``. bfloat16/float16 layers: each chunk's
+    weight gradient is a bf16/fp16 matmul, summed over the chunks in float32. Inside
+    ``torch.autocast`` the layers run in the autocast dtype, as ``F.linear`` would.
+    Once-differentiable.
+    """
+    teacher = _dense_teacher(teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                             teacher_sparse, tail, temperature, teacher_temperature)
+    _check_args(student_hidden, student_weight, student_bias, target, teacher,
+                temperature=temperature, alpha=alpha, kind=kind, beta=beta,
+                label_smoothing=label_smoothing, reduction=reduction, chunk_rows=chunk_rows)
+    op_args = (float(temperature), float(alpha), kind, float(beta), int(ignore_index),
+               float(label_smoothing), bool(scale_by_t2))
+    if not HAS_EXTENSION:
+        return _unfused(student_hidden, student_weight, student_bias, target, teacher, op_args,
+                        reduction)
+    hidden, weight, bias, teacher = _autocast_inputs(student_hidden, student_weight, student_bias,
+                                                     teacher)
+    batch_shape = student_hidden.shape[:-1]
+    flat = (hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+            None if target is None else target.reshape(-1), _flat_teacher(teacher))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    with torch.autocast(hidden.device.type, enabled=False):
+        if needs_grad:
+            loss = _LinearDistillFunction.apply(*flat, op_args, reduction, chunk_rows or 0)
+        else:  # no gradient matmul at all
+            loss_rows, *_ = _run_op(*flat, op_args, chunk_rows or 0, False, None)
+            counted = None if target is None else flat[3] != ignore_index
+            loss = reduce_rows(loss_rows, counted, reduction, loss_rows.shape)
+    return loss.reshape(batch_shape) if reduction == "none" else loss
+
+
+def _dense_teacher(logits, hidden, weight, bias, sparse, tail, temperature, teacher_temperature):
+    forms = [name for name, t in (("teacher_logits", logits), ("teacher_hidden", hidden),
+                                  ("teacher_sparse", sparse)) if t is not None]
+    if len(forms) != 1:
+        raise ValueError(
+            "exactly one teacher form is expected: teacher_logits, teacher_hidden (with "
+            f"teacher_weight) or teacher_sparse; got {forms or 'none'}"
+        )
+    if sparse is not None:
+        raise NotImplementedError(
+            "teacher_sparse: the fused sparse kernel is not in this build yet; pass dense "
+            "teacher_logits, or use kdfast.sparse_distillation_loss on materialized logits"
+        )
+    if (weight is None) != (hidden is None) or (bias is not None and hidden is None):
+        raise ValueError("teacher_weight (and teacher_bias) go with teacher_hidden, and "
+                         "teacher_hidden needs teacher_weight (C, H_t)")
+    if teacher_temperature is not None and teacher_temperature != temperature:
+        raise ValueError(
+            f"teacher_temperature={teacher_temperature} differs from temperature={temperature}: "
+            "a separate teacher temperature exists only for teacher_sparse"
+        )
+    _check_str("tail", tail, ("renormalize", "bucket"))
+    return _Teacher(logits, hidden, weight, bias)
+
+
+def _check_args(hidden, weight, bias, target, teacher, *, reduction, chunk_rows, **scalars):
+    for name, t in (("student_hidden", hidden), ("student_weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"student_weight must be (C, H) with H = student_hidden.shape[-1], got "
+            f"{tuple(weight.shape)} for student_hidden {tuple(hidden.shape)}"
+        )
+    for name, t in (("teacher_hidden", teacher.hidden), ("teacher_weight", teacher.weight),
+                    ("teacher_bias", teacher.bias)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but gradients flow to the student only: "
+                             f"pass {name}.detach() (or compute it under torch.no_grad())")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                   or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be an int >= 1 or None, got {chunk_rows!r}")
+    # The logits' checks (dtypes, target, teacher_logits' shape and grad, every scalar) on
+    # zero-byte stand-ins of the right shape, dtype and device.
+    logits_shape = (*hidden.shape[:-1], weight.shape[0])
+    student_probe = hidden.new_zeros(()).expand(logits_shape)
+    teacher_probe = teacher.logits
+    if teacher_probe is None:
+        teacher_probe = teacher.hidden.new_zeros(()).expand((*teacher.hidden.shape[:-1],
+                                                             teacher.weight.shape[0]))
+    check_distillation_args(student_probe, teacher_probe, target, reduction=reduction, **scalars)
+
+
+def _autocast_inputs(hidden, weight, bias, teacher: _Teacher):
+    """Under torch.autocast, the layers' floating inputs in the autocast dtype (what F.linear
+    does there); unchanged otherwise."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight, bias, teacher
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float64) else t
+
+    layer = _Teacher(teacher.logits, cast(teacher.hidden), cast(teacher.weight),
+                     cast(teacher.bias))
+    return cast(hidden), cast(weight), cast(bias), layer
+
+
+def _flat_teacher(teacher: _Teacher) -> _Teacher:
+    logits = teacher.logits
+    hidden = teacher.hidden
+    return _Teacher(
+        None if logits is None else logits.reshape(-1, logits.shape[-1]),
+        None if hidden is None else hidden.reshape(-1, hidden.shape[-1]),
+        teacher.weight, teacher.bias,
+    )
+
+
+def _unfused(hidden, weight, bias, target, teacher: _Teacher, op_args, reduction):
+    """Without the compiled module: the plain composition (materializes the logits)."""
+    temperature, alpha, kind, beta, ignore_index, label_smoothing, scale_by_t2 = op_args
+    t = teacher.logits
+    if t is None:
+        with torch.no_grad():
+            t = F.linear(teacher.hidden, teacher.weight, teacher.bias)
+    return reference.distillation_loss(
+        F.linear(hidden, weight, bias), t, target, temperature=temperature, alpha=alpha,
+        kind=kind, beta=beta, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction, scale_by_t2=scale_by_t2,
+    )
+
+
+def _wide(hidden: torch.Tensor) -> torch.Tensor:
+    """A zero-size tensor of the gradient scales' dtype (float32, float64 for float64)."""
+    return hidden.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+
+
+def _counted_rows(target, ignore_index, n_rows, like):
+    """The mean's divisor as a one-element tensor (no host sync): rows whose target is not
+    ignore_index, all rows without target; at least 1."""
+    if target is None:
+        return torch.full((1,), max(n_rows, 1), dtype=like.dtype, device=like.device)
+    return (target != ignore_index).sum().clamp(min=1).to(like.dtype).reshape(1)
+
+
+def _run_op(hidden, weight, bias, target, teacher: _Teacher, op_args, chunk_rows, compute_grad,
+            row_scale):
+    return torch.ops.kdfast.linear_distill_fwd(
+        hidden, weight, bias, target, teacher.logits, teacher.hidden, teacher.weight,
+        teacher.bias, *op_args, chunk_rows, compute_grad, row_scale,
+    )
+
+
+class _LinearDistillFunction(torch.autograd.Function):
+    """``apply(hidden (N, H), weight, bias, target, teacher: _Teacher, op_args, reduction,
+    chunk_rows) -> loss``: the reduced loss, or the (N,) row losses for "none"."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, teacher, op_args, reduction, chunk_rows):
+        ctx.save_for_backward(hidden, weight, bias, target, *teacher)
+        ctx.op_args, ctx.chunk_rows, ctx.reduction = op_args, chunk_rows, reduction
+        if reduction == "none":  # per-row grad_output: backward recomputes the chunks
+            loss_rows, *_ = _run_op(hidden, weight, bias, target, teacher, op_args, chunk_rows,
+                                    False, None)
+            return loss_rows
+        ctx.scale = None
+        if reduction in ("mean", "batchmean"):
+            counted = _counted_rows(target, op_args[4], hidden.shape[0], _wide(hidden))
+            ctx.scale = counted.reciprocal()
+        loss_rows, *grads = _run_op(hidden, weight, bias, target, teacher, op_args, chunk_rows,
+                                    True, ctx.scale)
+        # Handed to the first backward, which gives them away (autograd then adopts them as
+        # .grad without a copy); a later backward (retain_graph=True) recomputes them.
+        ctx.grads = grads
+        loss = loss_rows.sum()
+        return loss if ctx.scale is None else loss * ctx.scale.to(loss.dtype).reshape(())
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        with torch.no_grad():
+            grads = _layer_grads(ctx, grad_loss)
+        d_hidden, d_weight, d_bias = (once_differentiable_output(g) if g.numel() else None
+                                      for g in grads)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
+
+
+def _layer_grads(ctx, grad_loss):
+    """The hidden, weight and bias gradients (empty for no bias) for ``grad_loss``."""
+    grads = getattr(ctx, "grads", None)
+    ctx.grads = None
+    if ctx.reduction == "none" or grads is None:
+        hidden, weight, bias, target, *teacher = ctx.saved_tensors
+        if ctx.reduction == "none":
+            row_scale = grad_loss.reshape(-1).to(_wide(hidden).dtype)
+        else:
+            row_scale = ctx.scale
+        _, *grads = _run_op(hidden, weight, bias, target, _Teacher(*teacher), ctx.op_args,
+                            ctx.chunk_rows, True, row_scale)
+        if ctx.reduction == "none":
+            return grads
+    # Skipping the multiply by exactly 1 needs the value: only for CPU tensors, in eager mode.
+    if not torch.compiler.is_compiling() and grad_loss.is_cpu and grad_loss.item() == 1.0:
+        return grads
+    return [g.mul_(grad_loss.to(g.dtype)) if g.numel() else g for g in grads]
+
+
+class LinearKDLoss(nn.Module):
+    """:func:`kdfast.linear_distillation_loss` as a module holding the options (defaults as
+    there: tail="renormalize", temperature=1.0, teacher_temperature=None, alpha=0.5,
+    kind="kl", beta=0.5, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+    scale_by_t2=True, chunk_rows=None).
+
+    ``forward(hidden, weight, target=None, *, teacher, bias=None)``: ``teacher`` is dense
+    teacher logits (a Tensor), a :class:`kdfast.SparseTargets`, or a tuple
+    ``(teacher_hidden, teacher_weight[, teacher_bias])``. Arguments are checked when the
+    module is built; :meth:`config` returns them (``LinearKDLoss(**loss.config())`` builds an
+    equal loss).
+    """
+
+    def __init__(self, tail: str = "renormalize", temperature: float = 1.0,
+                 teacher_temperature: float | None = None, alpha: float = 0.5, kind: str = "kl",
+                 beta: float = 0.5, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 reduction: str = "mean", scale_by_t2: bool = True,
+                 chunk_rows: int | None = None) -> None:
+        super().__init__()
+        _check_str("tail", tail, ("renormalize", "bucket"))
+        _check_str("kind", kind, KINDS)
+        _check_str("reduction", reduction, REDUCTIONS)
+        _check_ignore_index(ignore_index)
+        _check_bool("scale_by_t2", scale_by_t2)
+        probe = torch.zeros(1, 1)
+        check_distillation_args(probe, probe, None, temperature=temperature, alpha=alpha,
+                                kind=kind, beta=beta, label_smoothing=label_smoothing,
+                                reduction=reduction)
+        if chunk_rows is not None and (isinstance(chunk_rows, bool)
+                                       or not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be an int >= 1 or None, got {chunk_rows!r}")
+        self._config = {
+            "tail": tail, "temperature": float(temperature),
+            "teacher_temperature": None if teacher_temperature is None else float(teacher_temperature),
+            "alpha": float(alpha), "kind": kind, "beta": float(beta), "ignore_index": ignore_index,
+            "label_smoothing": float(label_smoothing), "reduction": reduction,
+            "scale_by_t2": scale_by_t2, "chunk_rows": chunk_rows,
+        }
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor,
+                target: torch.Tensor | None = None, *, teacher: Any,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(teacher, SparseTargets):
+            forms: dict[str, Any] = {"teacher_sparse": teacher}
+        elif isinstance(teacher, torch.Tensor):
+            forms = {"teacher_logits": teacher}
+        elif isinstance(teacher, (tuple, list)) and len(teacher) in (2, 3):
+            forms = dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher, strict=False))
+        else:
+            raise TypeError("teacher must be teacher logits (a Tensor), a kdfast.SparseTargets or "
+                            f"(teacher_hidden, teacher_weight[, teacher_bias]), got {type(teacher).__name__}")
+        return linear_distillation_loss(hidden, weight, target, student_bias=bias, **forms,
+                                        **self._config)
+
+    def config(self) -> dict[str, Any]:
+        """All constructor arguments, as a JSON-able dict."""
+        return dict(self._config)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self._config.items())
