@@ -157,7 +157,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    import kdfast
     from kdfast import distributed
     from kdfast.data import load_dataset
     from kdfast.models import build_model, jitter, mlp_spec, parse_sizes
@@ -175,7 +174,7 @@ def _train_command(args: argparse.Namespace) -> int:
     teacher = args.cache or (_load_teachers(args.teacher) if args.teacher else None)
     if isinstance(teacher, list):
         teacher = teacher[0] if len(teacher) == 1 else teacher
-    loss = kdfast.KDLoss(temperature=args.temperature, alpha=args.alpha, kind=args.kind) if teacher else None
+    loss = _train_loss(args, teacher) if teacher else None
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       seed=args.seed, weight_decay=args.weight_decay, warmup_epochs=args.warmup,
                       clip_grad_norm=args.clip_grad_norm)
@@ -202,6 +201,19 @@ def _train_command(args: argparse.Namespace) -> int:
           f"{final.get('epoch')} epochs; checkpoint {Path(args.out) / 'checkpoint.pt'}, log "
           f"{Path(args.out) / 'metrics.json'}")
     return 0
+
+
+def _train_loss(args: argparse.Namespace, teacher):
+    """KDLoss for a live teacher or a dense cache; SparseKDLoss (with --tail, and the
+    teacher temperature the cache serves) for a sparse cache."""
+    import kdfast
+    from kdfast.cache import SoftTargetCache
+
+    cache = SoftTargetCache(teacher, verify_on_open=False) if isinstance(teacher, str) else None
+    if cache is None or cache.sparse_spec is None:
+        return kdfast.KDLoss(temperature=args.temperature, alpha=args.alpha, kind=args.kind)
+    return kdfast.SparseKDLoss(tail=args.tail, temperature=args.temperature, alpha=args.alpha, kind=args.kind,
+                               teacher_temperature=cache.teacher_temperature)
 
 
 def _cmd_mnist(args: argparse.Namespace) -> int:
@@ -309,6 +321,9 @@ def add_commands(sub) -> None:
     train.add_argument("--temperature", type=float, default=4.0, help="T of the soft term (default 4)")
     train.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term (default 0.9)")
     train.add_argument("--kind", choices=("kl", "reverse_kl", "jsd"), default="kl", help="(default kl)")
+    train.add_argument("--tail", choices=("renormalize", "bucket"), default="renormalize",
+                       help="with a sparse --cache: how the teacher's classes outside the stored ids "
+                       "count (default renormalize; bucket needs a top-k cache built at this T)")
     train.add_argument("--epochs", type=int, default=10, help="(default 10)")
     train.add_argument("--batch-size", type=int, default=128, help="(default 128)")
     train.add_argument("--lr", type=float, default=0.1, help="peak learning rate, cosine decay (default 0.1)")

@@ -131,6 +131,16 @@ def test_sparse_cache_build_and_info(tmp_path, capsys):
     assert info["bytes_per_row"] == 4 * 3 + 4 * 2 and info["row_level"] == "items"
     code, out, _ = run(capsys, "cache", "verify", cache_dir)
     assert code == 0 and out.startswith("ok:")
+    code, out, _ = run(capsys, "train", "--data", "digits", "--student", "64-16-10", "--cache", cache_dir,
+                       "--tail", "bucket", "--temperature", 4, "--epochs", 1, "--out", tmp_path / "kd",
+                       "--quiet")
+    assert code == 0 and "test errors" in out
+    log = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert log["config"]["loss"]["type"] == "SparseKDLoss" and log["config"]["loss"]["tail"] == "bucket"
+    code, _, err = run(capsys, "train", "--data", "digits", "--student", "64-16-10", "--cache", cache_dir,
+                       "--tail", "bucket", "--temperature", 2, "--epochs", 1, "--out", tmp_path / "kd2",
+                       "--quiet")
+    assert code == 1 and "declared temperatures [1.0, 4.0]" in err
     code, _, err = run(capsys, "cache", "build", "--teacher", teacher_dir, "--data", "digits", "--out",
                        tmp_path / "bad", "--k", 3, "--quiet")
     assert code == 1 and "--k and --samples need --targets" in err

@@ -239,9 +239,11 @@ class SoftTargetCache:
             raise TypeError(f"cache {self.path} stores dense logits: index it (cache[rows])")
         return self.sparse_spec
 
-    def sparse_targets(self, index, temperature: float = 1.0, tail: str = "renormalize") -> SparseTargets:
+    def sparse_targets(self, index, temperature: float = 1.0, tail: str = "renormalize",
+                       teacher_temperature: float | None = None) -> SparseTargets:
         """The sparse teacher of rows ``index`` (an int, a slice, or integer indices), for a
-        loss at student temperature ``temperature`` with ``tail``.
+        loss at student temperature ``temperature``, teacher temperature
+        ``teacher_temperature`` (None = T) and ``tail``.
 
         Item caches give ``(B, k)`` tensors (``(k,)`` for an int); token-level caches take
         sequence ids and give ``(B, L, k)`` with L the longest of them, ready for ``(B, L, C)``
@@ -249,8 +251,8 @@ class SoftTargetCache:
         term. Give the loss ``teacher_temperature=cache.teacher_temperature``.
 
         - ``"topk"``: the stored logits (any T with ``tail="renormalize"``), and the tail
-          log-sum-exp when T is a declared temperature (``tail="bucket"`` needs one; the error
-          lists them).
+          log-sum-exp when T_t is a declared temperature (``tail="bucket"`` needs one; the
+          error lists them).
         - ``"sampled"``: ``SparseTargets(ids, log(count), None)``; ``"topk+sampled"``: head
           log p_i and sampled-tail log(P_R c_i / n). Both only at T = T_s, ``renormalize``.
 
@@ -258,13 +260,13 @@ class SoftTargetCache:
             CacheMismatchError: this cache cannot serve ``temperature`` / ``tail``.
         """
         spec = self._require_sparse()
-        refuse(spec, temperature, tail, str(self.path))
+        refuse(spec, temperature, tail, teacher_temperature, str(self.path))
         scalar = isinstance(index, (int, np.integer))
         idx = self._row_indices([int(index)] if scalar else index)
         if self.token_level:
-            out = self._padded_sequences(spec, idx, temperature)
+            out = self._padded_sequences(spec, idx, temperature, teacher_temperature)
         else:
-            out = decode_rows(spec, self._records(idx), temperature)
+            out = decode_rows(spec, self._records(idx), temperature, teacher_temperature)
         return SparseTargets(*(None if t is None else t[0] if scalar else t for t in out))
 
     def _records(self, idx: torch.Tensor) -> np.ndarray:
@@ -282,11 +284,12 @@ class SoftTargetCache:
         j = i - self._shards[k]["start"]
         return records[offsets[j]:offsets[j + 1]]
 
-    def _padded_sequences(self, spec: SparseSpec, idx: torch.Tensor, temperature: float) -> SparseTargets:
+    def _padded_sequences(self, spec: SparseSpec, idx: torch.Tensor, temperature: float,
+                          teacher_temperature: float | None) -> SparseTargets:
         seqs = [self._sequence(int(i)) for i in idx]
         lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
         flat = decode_rows(spec, np.concatenate(seqs) if seqs else np.zeros(0, spec.record_dtype()),
-                           temperature)
+                           temperature, teacher_temperature)
         width = int(lengths.max()) if len(seqs) else 0
         valid = torch.arange(width)[None, :] < lengths[:, None]  # (B, L)
 

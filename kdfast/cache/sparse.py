@@ -249,8 +249,12 @@ def encode_rows(spec: SparseSpec, logits: torch.Tensor, keys: torch.Tensor) -> n
 
 
 # ------------------------------------------------------------------------------ serving
-def served_temperature_error(spec: SparseSpec, temperature: float, tail: str) -> str | None:
-    """Why ``spec``'s rows cannot be served at student ``temperature`` with ``tail`` (None: ok)."""
+def served_temperature_error(spec: SparseSpec, temperature: float, tail: str,
+                             teacher_temperature: float | None = None) -> str | None:
+    """Why ``spec``'s rows cannot be served to a loss at student ``temperature``, teacher
+    temperature ``teacher_temperature`` (None = T) and ``tail`` (None: they can)."""
+    if tail not in ("renormalize", "bucket"):
+        return f"tail must be 'renormalize' or 'bucket', got {tail!r}"
     if spec.kind != "topk":
         t_s = spec.temperatures[0]
         if not math.isclose(temperature, t_s, rel_tol=1e-9):
@@ -259,8 +263,13 @@ def served_temperature_error(spec: SparseSpec, temperature: float, tail: str) ->
                     f"T={temperature} (rebuild with --temperature {temperature})")
         if tail != "renormalize":
             return f"targets={spec.kind!r} serve tail='renormalize' only, not tail={tail!r}"
-    elif tail == "bucket" and _declared(spec, temperature) is None:
-        return (f"tail='bucket' needs the tail log-sum-exp at T_t={temperature}, stored only at the "
+        if teacher_temperature not in (None, 1.0):
+            return (f"targets={spec.kind!r} are served as log-probabilities at T_s, to be used with "
+                    f"teacher_temperature=1.0, not {teacher_temperature}")
+        return None
+    t_t = temperature if teacher_temperature is None else teacher_temperature
+    if tail == "bucket" and _declared(spec, t_t) is None:
+        return (f"tail='bucket' needs the tail log-sum-exp at T_t={t_t}, stored only at the "
                 f"declared temperatures {list(spec.temperatures)}; use one of them or "
                 "tail='renormalize' (any T)")
     return None
@@ -282,16 +291,17 @@ def _head_logits(spec: SparseSpec, records: np.ndarray) -> torch.Tensor:
     return (raw.view(torch.bfloat16) if spec.logit_dtype == "bfloat16" else raw).float()
 
 
-def decode_rows(spec: SparseSpec, records: np.ndarray, temperature: float) -> SparseTargets:
+def decode_rows(spec: SparseSpec, records: np.ndarray, temperature: float,
+                teacher_temperature: float | None = None) -> SparseTargets:
     """``(R,)`` records -> SparseTargets ``(R, slots)`` served at student ``temperature``.
 
-    ``"topk"``: the raw logits (use ``teacher_temperature`` T_t as usual) and, when T_t is
-    declared, its tail log-sum-exp (else None). ``"sampled"``: ``(ids, log count, None)``;
+    ``"topk"``: the raw logits (use ``teacher_temperature`` T_t as usual; None = T) and, when
+    T_t is declared, its tail log-sum-exp (else None). ``"sampled"``: ``(ids, log count, None)``;
     ``"topk+sampled"``: head log p_i and tail log(P_R c_i / n), both at T_s: serve them with
     ``teacher_temperature=1``. Empty slots have id -1.
     """
     if spec.kind == "topk":
-        j = _declared(spec, temperature)
+        j = _declared(spec, temperature if teacher_temperature is None else teacher_temperature)
         tails = torch.from_numpy(np.ascontiguousarray(records["tail_logsumexp"]))
         return SparseTargets(_ids(records, "ids"), _head_logits(spec, records),
                              None if j is None else tails[:, j].clone())
@@ -317,9 +327,10 @@ def served_teacher_temperature(spec: SparseSpec) -> float | None:
     return None if spec.kind == "topk" else 1.0
 
 
-def refuse(spec: SparseSpec, temperature: float, tail: str, where: str) -> None:
-    """Raises CacheMismatchError when ``spec`` cannot serve ``temperature`` / ``tail``."""
-    problem = served_temperature_error(spec, temperature, tail)
+def refuse(spec: SparseSpec, temperature: float, tail: str, teacher_temperature: float | None,
+           where: str) -> None:
+    """Raises CacheMismatchError when ``spec`` cannot serve these loss settings."""
+    problem = served_temperature_error(spec, temperature, tail, teacher_temperature)
     if problem:
         raise CacheMismatchError(f"cache {where} cannot serve this loss: {problem}")
 
