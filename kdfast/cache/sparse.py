@@ -18,6 +18,13 @@ Draws are a pure function of (seed, row key, draw number): a splitmix64 hash com
 vectorized in int64 gives each draw a uniform in [0, 1), and the inverse CDF (float64 cumsum
 + searchsorted) turns it into an id. Reruns, resumed builds, other batch sizes and torchrun
 builds therefore draw the very same ids.
+
+Why sampled rows serve only T = T_s (random-sampling KD, Anshumann et al., ACL 2025): with
+p̂_i = c_i / n the served distribution and q = softmax(s / T), the loss is
+L̂ = T² Σ_i p̂_i (log p̂_i − log q_i) with gradient ∂L̂/∂s_j = T (q_j − p̂_j). E[p̂] = p =
+softmax(z / T_s), so E[∇L̂] = T (q − p) = ∇ T² KL(p ‖ q), the full-KL gradient, exactly when
+T = T_s. The loss value is biased: E[L̂] − T² KL(p ‖ q) = T² (H(p) − E[H(p̂)]) ≥ 0. The same
+holds for "topk+sampled", whose served p̃ is the exact head p_i plus P_R c_i / n on the tail.
 """
 
 from __future__ import annotations
