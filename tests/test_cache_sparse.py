@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import kdfast
-from kdfast.cache import CacheMismatchError, SoftTargetCache, build_cache
+from kdfast.cache import CacheError, CacheMismatchError, SoftTargetCache, build_cache
 from kdfast.cache.format import MANIFEST
 from kdfast.cache.sparse import splitmix64, uniforms
 
@@ -128,11 +128,16 @@ def test_dense_caches_keep_format_version_1(tmp_path, data):
     assert dense["format_version"] == 1 and "targets" not in dense and "rows" not in dense
     sparse = json.loads((tmp_path / "s" / MANIFEST).read_text())
     assert sparse["format_version"] == 2 and sparse["targets"]["kind"] == "topk"
-    with pytest.raises(TypeError, match="sparse_targets"):
+    with pytest.raises(CacheMismatchError, match="sparse_targets"):
         SoftTargetCache(tmp_path / "s")[0]
-    with pytest.raises(TypeError, match="dense logits"):
+    with pytest.raises(CacheMismatchError, match="dense logits"):
         SoftTargetCache(tmp_path / "d").sparse_targets([0])
     assert SoftTargetCache(tmp_path / "d").targets == "dense"
+    # A sparse manifest relabelled as version 1 is refused, not read as dense.
+    sparse["format_version"] = 1
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(sparse))
+    with pytest.raises(CacheError, match="format_version 1 .dense. manifest has sparse fields"):
+        SoftTargetCache(tmp_path / "s")
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

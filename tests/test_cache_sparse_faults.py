@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -97,9 +98,23 @@ def test_token_cache_layout_and_bytes_per_token(single, kind):
     m = cache.manifest
     assert cache.token_level and m["num_rows"] == 23 and len(m["shards"]) == 6
     assert m["num_tokens"] == sum(s["tokens"] for s in m["shards"])
+    payload = sum(_payload_bytes(single[kind] / s["file"]) for s in m["shards"])  # files less headers
+    assert payload == m["num_tokens"] * cache.bytes_per_row + 8 * (m["num_rows"] + len(m["shards"]))
     if kind == "topk":  # issue 12: <= 4k + 4 n_T + 8 bytes per token (uint16 ids, fp16 logits)
-        payload = m["num_tokens"] * cache.bytes_per_row + 8 * (m["num_rows"] + len(m["shards"]))
         assert payload <= m["num_tokens"] * (4 * 4 + 4 * 2 + 8)
+
+
+def _payload_bytes(path: Path) -> int:
+    """A token shard's bytes less its two .npy headers (offsets, records)."""
+    headers = 0
+    with open(path, "rb") as f:
+        for _ in range(2):
+            start = f.tell()
+            np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            headers += f.tell() - start
+            f.seek(int(np.prod(shape)) * dtype.itemsize, os.SEEK_CUR)
+    return path.stat().st_size - headers
 
 
 @pytest.mark.slow

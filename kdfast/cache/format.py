@@ -261,7 +261,8 @@ def load_manifest(cache_dir: str | Path) -> dict:
     manifest = read_json(path, "manifest")
     if manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path} is not a kdfast soft-target cache (format={manifest.get('format')!r})")
-    if manifest.get("format_version") not in READABLE_VERSIONS:
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise CacheError(
             f"{path} has format_version {manifest.get('format_version')!r}; this kdfast reads "
             f"versions {', '.join(map(str, READABLE_VERSIONS))}: rebuild the cache"
@@ -312,6 +313,8 @@ def _check_manifest_fields(m: dict) -> None:
             raise ValueError(f"bad sha256 in shard entry {shard!r}")
     if m["format_version"] == SPARSE_FORMAT_VERSION:
         _check_sparse_fields(m)
+    elif "targets" in m or "rows" in m:
+        raise ValueError("a format_version 1 (dense) manifest has sparse fields ('targets', 'rows')")
 
 
 def _check_sparse_fields(m: dict) -> None:

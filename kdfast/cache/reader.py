@@ -183,8 +183,8 @@ class SoftTargetCache:
 
     def __getitem__(self, index) -> torch.Tensor:
         if self.sparse_spec is not None:
-            raise TypeError(f"cache {self.path} stores sparse targets ({self.targets}): read them with "
-                            "cache.sparse_targets(index, temperature)")
+            raise CacheMismatchError(f"cache {self.path} stores sparse targets ({self.targets}): read "
+                                     "them with cache.sparse_targets(index, temperature)")
         if isinstance(index, (int, np.integer)):
             i = self._index(int(index))
             k = int(np.searchsorted(self._starts, i, side="right")) - 1
@@ -236,7 +236,7 @@ class SoftTargetCache:
     # ------------------------------------------------------------------------ sparse access
     def _require_sparse(self) -> SparseSpec:
         if self.sparse_spec is None:
-            raise TypeError(f"cache {self.path} stores dense logits: index it (cache[rows])")
+            raise CacheMismatchError(f"cache {self.path} stores dense logits: index it (cache[rows])")
         return self.sparse_spec
 
     def sparse_targets(self, index, temperature: float = 1.0, tail: str = "renormalize",

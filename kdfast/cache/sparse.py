@@ -114,6 +114,8 @@ class SparseSpec:
     def check(self) -> None:
         """ValueError naming the argument when the combination is not a valid cache spec."""
         c = self.num_classes
+        if not 1 <= c < 1 << 31:  # int32 ids
+            raise ValueError(f"num_classes must be in [1, 2**31), got {c}")
         needs_k, needs_n = self.kind != "sampled", self.kind != "topk"
         if needs_k != (self.k > 0) or (needs_k and not 1 <= self.k <= c):
             raise ValueError(f"k: targets={self.kind!r} needs " + (
