@@ -17,7 +17,7 @@ from torch import nn
 import kdfast
 from kdfast.cache import CacheError, CacheMismatchError, SoftTargetCache, build_cache
 from kdfast.cache.format import MANIFEST
-from kdfast.cache.sparse import splitmix64, uniforms
+from kdfast.cache.sparse import draw_ids, splitmix64, uniforms
 
 N, D, C = 120, 8, 40
 
@@ -217,6 +217,15 @@ def test_splitmix64_matches_the_reference_on_uint64():
         return (h >> 11) * 2.0 ** -53
 
     assert u.tolist() == [[expected(3, p, d) for d in range(4)] for p in (0, 1)]
+
+
+def test_draws_never_land_on_a_class_without_mass():
+    inf = math.inf
+    log_w = torch.tensor([[-inf, 0.0, -inf, 0.0, -inf], [-inf, -inf, 5.0, -inf, -inf], [-inf] * 5])
+    u = torch.tensor([0.0, 0.25, 0.5, 0.75, 1 - 2.0 ** -53], dtype=torch.float64).expand(3, 5)
+    ids = draw_ids(log_w, u)
+    assert ids[0].tolist() == [1, 1, 3, 3, 3] and ids[1].tolist() == [2] * 5
+    assert ((ids[2] >= 0) & (ids[2] < 5)).all()  # a row without mass: any id, never out of range
 
 
 def test_sampled_rows_follow_the_teacher_and_do_not_depend_on_the_batch(tmp_path, data):

@@ -192,15 +192,16 @@ def uniforms(seed: int, keys: torch.Tensor, draws: int) -> torch.Tensor:
 
 
 def draw_ids(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draws: ``(R, n)`` ids from the distributions ∝ exp(log_weights) (float64
-    cumsum + searchsorted). Rows without mass give id 0 (their draws are discarded)."""
-    w = torch.exp(log_weights.double() - log_weights.double().amax(-1, keepdim=True).clamp(min=-1e300))
-    w = torch.nan_to_num(w, nan=0.0)
-    cdf = torch.cumsum(w, dim=-1)
-    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    # u * total may round up to total: keep the draw on the last class that has mass.
-    last = w.shape[-1] - 1 - torch.argmax(torch.flip(w > 0, [-1]).to(torch.uint8), dim=-1, keepdim=True)
-    return torch.minimum(ids, last)
+    """Inverse-CDF draws: ``(R, n)`` ids from the distributions ∝ exp(log_weights), the
+    weights' cumsum taken in float64 and searched for u · total. Only classes with a positive
+    weight are drawn (x < total, so the found entry raised the cumsum); rows without mass
+    give an arbitrary id (their draws are discarded)."""
+    w = torch.exp(log_weights - log_weights.amax(-1, keepdim=True).clamp(min=-3e38))
+    cdf = torch.cumsum(w, dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    # u < 1, but u * total may round up to total: keep x strictly below it.
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).clamp(max=w.shape[-1] - 1)
 
 
 def count_distinct(ids: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
