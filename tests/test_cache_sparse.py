@@ -18,6 +18,7 @@ import kdfast
 from kdfast.cache import CacheError, CacheMismatchError, SoftTargetCache, build_cache
 from kdfast.cache.format import MANIFEST
 from kdfast.cache.sparse import draw_ids, splitmix64, uniforms
+from tests.test_cache import dir_bytes
 
 N, D, C = 120, 8, 40
 
@@ -160,6 +161,36 @@ def test_sparse_argument_errors(tmp_path, data, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build(make_teacher(), data, tmp_path / "c", **kwargs)
     assert not (tmp_path / "c" / MANIFEST).exists()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("targets", [{"targets": "topk", "k": 3, "temperatures": (1.0, 2.0)},
+                                     {"targets": "topk+sampled", "k": 2, "samples": 9, "temperature": 2.0}])
+def test_interrupted_build_resumes_to_identical_bytes(tmp_path, data, targets):
+    teacher = make_teacher()
+    full = build(teacher, data, tmp_path / "full", **targets)
+    calls = {"n": 0}
+
+    def stop_after_4_batches(*_):
+        calls["n"] += 1
+        if calls["n"] > 1 + 4:  # the probe row + 4 batches = 1 shard of 48 rows and 1 batch
+            raise _Interrupt
+
+    handle = teacher.register_forward_hook(stop_after_4_batches)
+    with pytest.raises(_Interrupt):
+        build(teacher, data, tmp_path / "resumed", **targets)
+    handle.remove()
+    assert not (tmp_path / "resumed" / MANIFEST).exists()
+    resumed = build(teacher, data, tmp_path / "resumed", **targets)
+    assert resumed.rows_reused == 48 and resumed.rows_computed == N - 48
+    assert dir_bytes(tmp_path / "resumed") == dir_bytes(tmp_path / "full")
+    assert resumed.manifest == full.manifest
+    other = {**targets, "seed": 1} if "samples" in targets else {**targets, "k": 4}
+    with pytest.raises(CacheMismatchError, match="seed|targets"):
+        build(teacher, data, tmp_path / "resumed", **other)
 
 
 # ------------------------------------------------------------------------------ ensembles
