@@ -74,15 +74,17 @@ def _build_cache_command(args: argparse.Namespace) -> int:
     result = build_cache(
         teachers if len(teachers) > 1 else teachers[0], dataset, args.out, dtype=args.dtype,
         batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, ensemble=args.ensemble,
-        temperature=args.temperature, num_workers=args.workers, progress=not args.quiet,
-        overwrite=args.overwrite,
+        num_workers=args.workers, progress=not args.quiet, overwrite=args.overwrite,
+        **_target_args(args),
     )
     m = result.manifest
     if not distributed.is_main():
         return 0
     if result.rows_computed:
         procs = f" by {distributed.world_size()} processes" if distributed.is_distributed() else ""
-        print(f"cached {m['num_rows']} rows x {m['num_classes']} classes ({m['dtype']}) in {args.out}: "
+        what = m.get("targets", {}).get("kind", "dense")
+        print(f"cached {m['num_rows']} rows x {m['num_classes']} classes ({what}, {m['dtype']}) in "
+              f"{args.out}: "
               f"{result.rows_computed} computed{procs} in {result.seconds:.1f} s "
               f"({result.rows_per_s:.0f} rows/s), {result.rows_reused} reused from an interrupted build")
     else:
@@ -90,21 +92,51 @@ def _build_cache_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_args(args: argparse.Namespace) -> dict:
+    """--targets/--k/--samples/--temperature/--seed as build_cache arguments: --temperature is
+    the mean_probs T (dense), the declared T_t list (topk) or T_s (sampled kinds)."""
+    temps = args.temperature
+    if args.targets == "dense":
+        if args.k is not None or args.samples is not None:
+            raise ValueError("--k and --samples need --targets topk, sampled or topk+sampled")
+        if temps and len(temps) > 1:
+            raise ValueError(f"--temperature is given {len(temps)} times; a dense cache takes one "
+                             "(the T of --ensemble mean_probs)")
+        return {"temperature": temps[0] if temps else None}
+    sparse = {"targets": args.targets, "k": args.k, "samples": args.samples, "seed": args.seed}
+    if args.targets == "topk":
+        return {**sparse, "temperatures": temps}
+    if temps and len(temps) > 1:
+        raise ValueError(f"--targets {args.targets} samples at one temperature T_s; --temperature is "
+                         f"given {len(temps)} times")
+    return {**sparse, "temperature": temps[0] if temps else None}
+
+
 def _cmd_cache_info(args: argparse.Namespace) -> int:
-    from kdfast.cache import load_manifest
+    from kdfast.cache import SoftTargetCache, load_manifest
 
     m = load_manifest(args.dir)
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
+    cache = SoftTargetCache(args.dir, verify_on_open=False)
     paths = [Path(args.dir) / s["file"] for s in m["shards"]]
     size = sum(p.stat().st_size for p in paths if p.exists())
+    targets = m.get("targets", {"kind": "dense"})
     info = {
         "rows": m["num_rows"], "classes": m["num_classes"], "dtype": m["dtype"],
-        "ensemble": m["ensemble"], "shards": len(m["shards"]), "rows_per_shard": m["rows_per_shard"],
-        "bytes": size, "teacher_fingerprint": m["teacher_fingerprint"],
+        "targets": targets["kind"], "ensemble": m["ensemble"], "shards": len(m["shards"]),
+        "rows_per_shard": m["rows_per_shard"], "bytes": size, "bytes_per_row": cache.bytes_per_row,
+        "teacher_fingerprint": m["teacher_fingerprint"],
         "dataset_fingerprint": m["dataset_fingerprint"], "format_version": m["format_version"],
     }
+    if cache.sparse_spec is not None:
+        info.update({"k": targets["k"], "samples": targets["samples"],
+                     "temperatures": targets["temperatures"], "seed": targets["seed"],
+                     "row_level": m["rows"]})
+        if cache.token_level:
+            info["tokens"] = m["num_tokens"]
+            info["bytes_per_token"] = round(size / max(1, m["num_tokens"]), 2)  # offsets + headers too
     print(json.dumps(info, indent=2))
     return 0
 
@@ -125,7 +157,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    import kdfast
     from kdfast import distributed
     from kdfast.data import load_dataset
     from kdfast.models import build_model, jitter, mlp_spec, parse_sizes
@@ -143,7 +174,7 @@ def _train_command(args: argparse.Namespace) -> int:
     teacher = args.cache or (_load_teachers(args.teacher) if args.teacher else None)
     if isinstance(teacher, list):
         teacher = teacher[0] if len(teacher) == 1 else teacher
-    loss = kdfast.KDLoss(temperature=args.temperature, alpha=args.alpha, kind=args.kind) if teacher else None
+    loss = _train_loss(args, teacher) if teacher else None
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       seed=args.seed, weight_decay=args.weight_decay, warmup_epochs=args.warmup,
                       clip_grad_norm=args.clip_grad_norm)
@@ -170,6 +201,19 @@ def _train_command(args: argparse.Namespace) -> int:
           f"{final.get('epoch')} epochs; checkpoint {Path(args.out) / 'checkpoint.pt'}, log "
           f"{Path(args.out) / 'metrics.json'}")
     return 0
+
+
+def _train_loss(args: argparse.Namespace, teacher):
+    """KDLoss for a live teacher or a dense cache; SparseKDLoss (with --tail, and the
+    teacher temperature the cache serves) for a sparse cache."""
+    import kdfast
+    from kdfast.cache import SoftTargetCache
+
+    cache = SoftTargetCache(teacher, verify_on_open=False) if isinstance(teacher, str) else None
+    if cache is None or cache.sparse_spec is None:
+        return kdfast.KDLoss(temperature=args.temperature, alpha=args.alpha, kind=args.kind)
+    return kdfast.SparseKDLoss(tail=args.tail, temperature=args.temperature, alpha=args.alpha, kind=args.kind,
+                               teacher_temperature=cache.teacher_temperature)
 
 
 def _cmd_mnist(args: argparse.Namespace) -> int:
@@ -208,7 +252,8 @@ def add_commands(sub) -> None:
                           "again: finished shards are kept."),
         epilog="example:\n  kdfast cache build --teacher runs/mnist-quick/teacher --data mnist "
         "--out runs/cache-mnist\n  kdfast cache build --teacher a.pt --teacher b.pt --ensemble members "
-        "--data mnist --out runs/ens",
+        "--data mnist --out runs/ens\n  kdfast cache build --teacher t.pt --data mnist --targets topk --k 64 "
+        "--temperature 1 --temperature 4 --out runs/topk",
     )
     build.add_argument("--teacher", action="append", required=True, metavar="CKPT",
                        help="teacher checkpoint (a run directory or its checkpoint.pt from `kdfast "
@@ -225,7 +270,16 @@ def add_commands(sub) -> None:
     build.add_argument("--ensemble", choices=("mean_logits", "mean_probs", "members"), default=None,
                        help="how several teachers combine (default mean_logits; mean_probs needs "
                        "--temperature and then serves only that T; members stores each)")
-    build.add_argument("--temperature", type=float, default=None, help="T for --ensemble mean_probs")
+    build.add_argument("--temperature", type=float, action="append", default=None,
+                       help="T for --ensemble mean_probs; with --targets topk a teacher temperature "
+                       "served by tail='bucket' (repeat for several; default 1); with the sampled "
+                       "targets the sampling temperature T_s (students must train at T = T_s)")
+    build.add_argument("--targets", choices=("dense", "topk", "sampled", "topk+sampled"), default="dense",
+                       help="what each row stores: all logits (default), the top k, or sampled ids")
+    build.add_argument("--k", type=int, default=None, help="ids per row of --targets topk / topk+sampled")
+    build.add_argument("--samples", type=int, default=None,
+                       help="draws per row of --targets sampled / topk+sampled")
+    build.add_argument("--seed", type=int, default=0, help="seed of the sampled targets (default 0)")
     build.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     build.add_argument("--overwrite", action="store_true",
                        help="replace a cache or partial build made with other arguments")
@@ -267,6 +321,9 @@ def add_commands(sub) -> None:
     train.add_argument("--temperature", type=float, default=4.0, help="T of the soft term (default 4)")
     train.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term (default 0.9)")
     train.add_argument("--kind", choices=("kl", "reverse_kl", "jsd"), default="kl", help="(default kl)")
+    train.add_argument("--tail", choices=("renormalize", "bucket"), default="renormalize",
+                       help="with a sparse --cache: how the teacher's classes outside the stored ids "
+                       "count (default renormalize; bucket needs a top-k cache built at this T)")
     train.add_argument("--epochs", type=int, default=10, help="(default 10)")
     train.add_argument("--batch-size", type=int, default=128, help="(default 128)")
     train.add_argument("--lr", type=float, default=0.1, help="peak learning rate, cosine decay (default 0.1)")

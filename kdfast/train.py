@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 
 from kdfast import distributed
 from kdfast._io import atomic_write_bytes, atomic_write_json
+from kdfast._sparse_checks import SparseTargets
 from kdfast.cache.ensemble import check_ensemble, combine_members, teacher_logits
 from kdfast.cache.format import CacheMismatchError
 from kdfast.cache.reader import SoftTargetCache
 from kdfast.module import KDLoss
+from kdfast.sparse import SparseKDLoss
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -69,6 +71,11 @@ class CachedTeacher:
 
     For a cache stored per member (``ensemble="members"``) pass ``combine="mean_logits"`` or
     ``"mean_probs"``; the latter averages probabilities at the loss's temperature.
+
+    A sparse (item-level) cache serves :class:`kdfast.SparseTargets` to a
+    :class:`kdfast.SparseKDLoss`: top-k rows at the loss's temperatures (``tail="bucket"``
+    needs its teacher temperature among the declared ones); sampled rows only at
+    ``temperature = T_s`` and with ``teacher_temperature=1.0`` (they are log-probabilities).
     """
 
     def __init__(self, cache: SoftTargetCache | str | Path, combine: str | None = None,
@@ -80,26 +87,62 @@ class CachedTeacher:
                              f"combine='mean_logits' or 'mean_probs', got {combine!r}")
         if not members and combine is not None:
             raise ValueError("combine only applies to caches built with ensemble='members'")
+        if self.cache.token_level:
+            raise ValueError(f"cache {self.cache.path} is token-level: fit trains classification "
+                             "students; read it with cache.sparse_targets(seq_ids, T) in your own loop")
         self.combine = combine
         self.check_dataset = check_dataset
         self.temperature: float | None = None
+        self.loss: SparseKDLoss | None = None
 
-    def prepare(self, dataset: Dataset, loss: KDLoss) -> None:
-        """Checks the cache against the training set and the loss's temperature."""
+    @property
+    def sparse(self) -> bool:
+        return self.cache.sparse_spec is not None
+
+    def default_loss(self) -> KDLoss | SparseKDLoss:
+        """``KDLoss()`` for a dense cache; for a sparse one the ``SparseKDLoss`` it serves
+        (at T_s with ``teacher_temperature=1.0`` for the sampled kinds)."""
+        if not self.sparse:
+            return KDLoss()
+        spec = self.cache.sparse_spec
+        temperature = 1.0 if spec.kind == "topk" else spec.temperatures[0]
+        return SparseKDLoss(temperature=temperature, teacher_temperature=self.cache.teacher_temperature)
+
+    def prepare(self, dataset: Dataset, loss: KDLoss | SparseKDLoss) -> None:
+        """Checks the cache against the training set and the loss (its type and temperatures)."""
+        if self.sparse != isinstance(loss, SparseKDLoss):
+            want = "SparseKDLoss" if self.sparse else "KDLoss"
+            raise TypeError(f"cache {self.cache.path} stores {self.cache.targets} targets: train with a "
+                            f"kdfast.{want}, got {type(loss).__name__}")
         self.cache.check_compatible(dataset=dataset if self.check_dataset else None,
-                                    temperature=loss.temperature)
+                                    temperature=None if self.sparse else loss.temperature)
         if len(dataset) != len(self.cache):
             raise CacheMismatchError(f"cache has {len(self.cache)} rows, the dataset {len(dataset)}")
         self.temperature = loss.temperature
+        if self.sparse:
+            want = self.cache.teacher_temperature
+            if want is not None and loss.teacher_temperature != want:
+                raise ValueError(
+                    f"cache {self.cache.path} serves {self.cache.targets} targets as log-probabilities: "
+                    f"the loss needs teacher_temperature={want}, got {loss.teacher_temperature}")
+            self.cache.sparse_targets([], loss.temperature, loss.tail,
+                                      teacher_temperature=loss.teacher_temperature)  # refuses early
+            self.loss = loss
 
-    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | SparseTargets:
+        if self.sparse:
+            served = self.cache.sparse_targets(idx, self.loss.temperature, self.loss.tail,
+                                               teacher_temperature=self.loss.teacher_temperature)
+            return SparseTargets(*(None if t is None else t.to(x.device) for t in served))
         rows = self.cache[idx]
         if self.combine is not None:
             rows = combine_members(rows, self.combine, self.temperature)
         return rows.to(x.device)
 
     def describe(self) -> str:
-        return f"cache {self.cache.path} ({self.cache.manifest['dtype']}, {self.cache.ensemble['mode']})"
+        targets = "" if not self.sparse else f"{self.cache.targets}, "
+        return (f"cache {self.cache.path} ({targets}{self.cache.manifest['dtype']}, "
+                f"{self.cache.ensemble['mode']})")
 
 
 TeacherLike = nn.Module | Sequence[nn.Module] | SoftTargetCache | str | Path | LiveTeacher | CachedTeacher
@@ -297,7 +340,9 @@ def fit(
         teacher: None (hard labels: cross-entropy), an ``nn.Module`` / ensemble (live), a
             :class:`SoftTargetCache` or cache path (rows looked up by index), or a
             :class:`LiveTeacher` / :class:`CachedTeacher`.
-        loss: the :class:`kdfast.KDLoss` used with a teacher (default ``KDLoss()``).
+        loss: the :class:`kdfast.KDLoss` used with a teacher (default ``KDLoss()``), or a
+            :class:`kdfast.SparseKDLoss` with a sparse cache (default: the one
+            :meth:`CachedTeacher.default_loss` gives).
         config: :class:`TrainConfig` (epochs, batch size, optimizer, schedule, seed, ...).
         eval_data: labelled dataset evaluated every ``config.eval_every`` epochs.
         augment: ``augment(x, generator) -> x`` applied to training inputs (e.g. jitter).
@@ -366,9 +411,13 @@ def _teacher_and_loss(teacher: TeacherLike | None, loss: KDLoss | None, augment,
                              "trains on hard labels with cross-entropy")
         return None, None
     source = as_teacher_source(teacher)
-    loss = loss or KDLoss()
-    if not isinstance(loss, KDLoss):
-        raise TypeError(f"loss must be a kdfast.KDLoss, got {type(loss).__name__}")
+    loss = loss or (source.default_loss() if isinstance(source, CachedTeacher) else KDLoss())
+    if not isinstance(loss, (KDLoss, SparseKDLoss)):
+        raise TypeError(f"loss must be a kdfast.KDLoss (or a SparseKDLoss with a sparse cache), got "
+                        f"{type(loss).__name__}")
+    if isinstance(loss, SparseKDLoss) and not isinstance(source, CachedTeacher):
+        raise TypeError("a SparseKDLoss needs a sparse cache as the teacher; a live teacher gives "
+                        "dense logits (use kdfast.KDLoss)")
     if augment is not None and isinstance(source, CachedTeacher):
         raise ValueError("augment cannot be combined with a cached teacher: the cached rows "
                          "are the teacher's outputs on the un-augmented inputs")
@@ -571,7 +620,8 @@ def _batch_loss(student: nn.Module, x: torch.Tensor, y: torch.Tensor | None, idx
             raise ValueError("training without a teacher needs labels: items (input, label)")
         return nn.functional.cross_entropy(out, y)
     soft = source(x, idx)
-    if soft.shape[-1] != out.shape[-1]:
-        raise CacheMismatchError(f"teacher rows have C={soft.shape[-1]} classes, the student "
+    classes = soft.shape[-1] if isinstance(soft, torch.Tensor) else source.cache.num_classes
+    if classes != out.shape[-1]:
+        raise CacheMismatchError(f"teacher rows have C={classes} classes, the student "
                                  f"outputs C={out.shape[-1]}")
     return loss(out, soft, y)

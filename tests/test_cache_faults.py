@@ -60,9 +60,9 @@ def test_truncated_shard(cache_dir, verify_on_open):
 
 def test_manifest_of_another_format_version(cache_dir):
     manifest = json.loads((cache_dir / MANIFEST).read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (cache_dir / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match="format_version 2"):
+    with pytest.raises(CacheError, match="format_version 3"):
         SoftTargetCache(cache_dir)
 
 

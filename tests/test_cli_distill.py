@@ -113,3 +113,38 @@ def test_usage_errors_exit_2(capsys):
         main(["train", "--data", "digits", "--student", "64-10", "--out", "x", "--cache", "c",
               "--teacher", "t"])
     assert exc.value.code == 2
+
+
+def test_sparse_cache_build_and_info(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    teacher_dir, cache_dir = tmp_path / "teacher", tmp_path / "topk"
+    code, _, _ = run(capsys, "train", "--data", "digits", "--student", "64-32-10", "--epochs", 1,
+                     "--out", teacher_dir, "--quiet")
+    assert code == 0
+    code, out, _ = run(capsys, "cache", "build", "--teacher", teacher_dir, "--data", "digits", "--out",
+                       cache_dir, "--targets", "topk", "--k", 3, "--temperature", 1, "--temperature", 4,
+                       "--batch-size", 256, "--quiet")
+    assert code == 0 and "(topk, float16)" in out
+    code, out, _ = run(capsys, "cache", "info", cache_dir)
+    info = json.loads(out)
+    assert info["targets"] == "topk" and info["k"] == 3 and info["temperatures"] == [1.0, 4.0]
+    assert info["bytes_per_row"] == 4 * 3 + 4 * 2 and info["row_level"] == "items"
+    code, out, _ = run(capsys, "cache", "verify", cache_dir)
+    assert code == 0 and out.startswith("ok:")
+    code, out, _ = run(capsys, "train", "--data", "digits", "--student", "64-16-10", "--cache", cache_dir,
+                       "--tail", "bucket", "--temperature", 4, "--epochs", 1, "--out", tmp_path / "kd",
+                       "--quiet")
+    assert code == 0 and "test errors" in out
+    log = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert log["config"]["loss"]["type"] == "SparseKDLoss" and log["config"]["loss"]["tail"] == "bucket"
+    code, _, err = run(capsys, "train", "--data", "digits", "--student", "64-16-10", "--cache", cache_dir,
+                       "--tail", "bucket", "--temperature", 2, "--epochs", 1, "--out", tmp_path / "kd2",
+                       "--quiet")
+    assert code == 1 and "declared temperatures [1.0, 4.0]" in err
+    code, _, err = run(capsys, "cache", "build", "--teacher", teacher_dir, "--data", "digits", "--out",
+                       tmp_path / "bad", "--k", 3, "--quiet")
+    assert code == 1 and "--k and --samples need --targets" in err
+    code, _, err = run(capsys, "cache", "build", "--teacher", teacher_dir, "--data", "digits", "--out",
+                       tmp_path / "bad", "--targets", "sampled", "--samples", 5, "--temperature", 1,
+                       "--temperature", 2, "--quiet")
+    assert code == 1 and "one temperature T_s" in err

@@ -7,6 +7,9 @@
   are contiguous), check fingerprints, and verify shards lazily; :func:`verify_cache` checks
   them all.
 - :class:`CachedDataset` pairs a dataset with its cached teacher rows for a DataLoader.
+- Sparse caches (``build_cache(..., targets="topk" | "sampled" | "topk+sampled")``) store a
+  few entries per item or per token of a causal LM and serve :class:`kdfast.SparseTargets`
+  through :meth:`SoftTargetCache.sparse_targets` (see :mod:`kdfast.cache.sparse`).
 
 See :mod:`kdfast.cache.format` for the directory layout.
 """

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -24,17 +25,20 @@ from kdfast.cache.format import (
     PROGRESS,
     RANK_PROGRESS_GLOB,
     SHARD_PREFIX,
+    SPARSE_FORMAT_VERSION,
     BuildLock,
     CacheError,
     CacheMismatchError,
     dtype_name,
     rank_progress_name,
     read_json,
+    save_records,
     save_shard,
     sha256_file,
     shard_name,
     shard_ranges,
 )
+from kdfast.cache.sparse import TARGETS, SparseSpec, encode_rows, make_spec
 
 # Default shard size: the in-memory buffer of one shard stays under this many bytes.
 SHARD_BYTES = 256 << 20
@@ -82,7 +86,7 @@ def _remove_progress(out: Path) -> None:
 
 
 def build_cache(
-    teacher: nn.Module | Sequence[nn.Module],
+    teacher: nn.Module | Sequence[nn.Module] | Callable,
     dataset: Dataset | torch.Tensor,
     out_dir: str | Path,
     *,
@@ -91,17 +95,24 @@ def build_cache(
     rows_per_shard: int | None = None,
     ensemble: str | None = None,
     temperature: float | None = None,
+    targets: str = "dense",
+    k: int | None = None,
+    samples: int | None = None,
+    temperatures: Sequence[float] | None = None,
+    seed: int = 0,
+    teacher_fingerprint: str | None = None,
     dataset_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool = True,
     overwrite: bool = False,
 ) -> BuildResult:
-    """Runs ``teacher`` over ``dataset`` once and stores its raw logits in ``out_dir``.
+    """Runs ``teacher`` over ``dataset`` once and stores its targets in ``out_dir``.
 
     The teacher runs in eval mode under ``torch.inference_mode`` at ``batch_size`` rows per
-    call; its logits are stored unscaled (temperature is applied at training time, so one
-    cache serves every T). Shards are written atomically and recorded in ``progress.json``;
+    call. A dense cache (default) stores its raw logits unscaled (temperature is applied at
+    training time, so one cache serves every T); a sparse cache stores k or n entries per row
+    (see ``targets``). Shards are written atomically and recorded in ``progress.json``;
     calling again after an interruption (same arguments) keeps the finished shards (after
     re-checking their SHA-256) and computes only the rest, giving the same bytes as an
     uninterrupted build. ``manifest.json`` is written last.
@@ -112,21 +123,44 @@ def build_cache(
     boundaries, so the cache is byte-identical to a single-process build with the same batch
     size and thread count. A second build into the same directory fails (``build.lock``).
 
+    Token-level caches: when the teacher maps a ``(B, L)`` batch of token ids to ``(B, L, C)``
+    logits (a causal LM; an output object with a ``.logits`` attribute works too), the
+    dataset's items are 1-D integer sequences of any length and row t of a sequence is the
+    teacher's distribution for the token after position t. Sequences are right-padded with
+    id 0 within a batch (a causal teacher never looks right); ``batch_size`` and
+    ``rows_per_shard`` count sequences, and shards split on sequence boundaries. Token-level
+    caches store sparse targets only. Read them with
+    :meth:`~kdfast.cache.SoftTargetCache.sparse_targets`.
+
     Args:
-        teacher: an ``nn.Module`` mapping a batch of inputs to ``(B, C)`` logits, or a
-            sequence of them (an ensemble).
+        teacher: an ``nn.Module`` mapping a batch of inputs to ``(B, C)`` logits (or token
+            ids to ``(B, L, C)``), a sequence of them (an ensemble), or any callable doing so
+            (then pass ``teacher_fingerprint``).
         dataset: map-style dataset whose items are inputs or ``(input, ...)`` tuples (labels
             are ignored), or a tensor of inputs. Row i of the cache is item i.
         out_dir: cache directory (created if missing).
-        dtype: stored dtype, "float16" (default), "bfloat16" or "float32".
+        dtype: stored logit dtype, "float16" (default), "bfloat16" or "float32".
         batch_size: teacher batch size (default 4096).
         rows_per_shard: rows per shard file, a multiple of ``batch_size`` so shards split on
             batch boundaries (a resumed build then runs exactly the same batches). Default:
             about 16 shards (the unit of work of a multi-process build), each under 256 MiB.
         ensemble: for several teachers: "mean_logits" (default; serves every T),
             "mean_probs" (needs ``temperature``; the cache then only serves that T) or
-            "members" (stores each member's logits, rows of shape ``(M, C)``).
-        temperature: the T of ``ensemble="mean_probs"``.
+            "members" (stores each member's logits, rows of shape ``(M, C)``). Sparse
+            targets take "mean_logits" only (the top-k of the mean logits).
+        temperature: the T of ``ensemble="mean_probs"``, or the sampling temperature T_s of
+            ``targets="sampled"`` / ``"topk+sampled"`` (default 1.0).
+        targets: "dense" (default: all C logits), "topk" (the k largest logits, their ids and
+            the tail log-sum-exp at each of ``temperatures``), "sampled" (the distinct ids of
+            ``samples`` draws from softmax(z / T_s) and their counts) or "topk+sampled" (the
+            top-k head plus ``samples`` draws from the rest). See :mod:`kdfast.cache.sparse`.
+        k: ids per row of "topk" / "topk+sampled".
+        samples: draws per row of "sampled" / "topk+sampled" (at most 65,535).
+        temperatures: the teacher temperatures T_t at which a "topk" cache serves
+            ``tail="bucket"`` (default ``(1.0,)``; ``tail="renormalize"`` works at any T).
+        seed: seed of the sampled kinds' per-row generator (default 0).
+        teacher_fingerprint: identity of the teacher (default :func:`fingerprint_teachers`;
+            required for a teacher that is not an ``nn.Module``).
         dataset_fingerprint: identity of the dataset; default :func:`fingerprint_dataset`.
         device: where the teacher runs (default: where its parameters are).
         num_workers: DataLoader workers feeding the teacher.
@@ -137,11 +171,10 @@ def build_cache(
     Returns:
         A :class:`BuildResult` (manifest, rows computed and reused, seconds, rows/s).
     """
-    teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
-    if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
-        raise ValueError("teacher must be an nn.Module or a non-empty sequence of nn.Module")
+    teachers = _as_teachers(teacher, teacher_fingerprint)
     mode = ensemble or ("none" if len(teachers) == 1 else "mean_logits")
-    check_ensemble(mode, len(teachers), temperature)
+    sparse_args = _sparse_args(targets, mode, k, samples, temperature, temperatures, seed)
+    check_ensemble(mode, len(teachers), None if sparse_args else temperature)
     dtype = dtype_name(dtype)
     if isinstance(dataset, torch.Tensor):
         dataset = TensorDataset(dataset)
@@ -158,9 +191,11 @@ def build_cache(
             f"on batch boundaries), got {rows_per_shard!r}"
         )
     if device is None:
-        first = next(teachers[0].parameters(), None)
+        first = next(teachers[0].parameters(), None) if isinstance(teachers[0], nn.Module) else None
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
+    identity = {"teacher": teacher_fingerprint or fingerprint_teachers(teachers),
+                "dataset": dataset_fingerprint}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +204,7 @@ def build_cache(
     try:
         result = _build_locked(teachers, dataset, out, mode=mode, dtype=dtype, batch_size=batch_size,
                                rows_per_shard=rows_per_shard, temperature=temperature,
-                               dataset_fingerprint=dataset_fingerprint, device=device,
+                               sparse_args=sparse_args, identity=identity, device=device,
                                num_workers=num_workers, progress=progress, overwrite=overwrite)
     except BaseException as exc:
         if distributed.is_main():
@@ -180,42 +215,81 @@ def build_cache(
     return result
 
 
+def _as_teachers(teacher, teacher_fingerprint: str | None) -> list:
+    teachers = [teacher] if isinstance(teacher, nn.Module) or (
+        callable(teacher) and not isinstance(teacher, Sequence)) else list(teacher)
+    if not teachers or not all(callable(t) for t in teachers):
+        raise ValueError("teacher must be an nn.Module, a callable, or a non-empty sequence of them")
+    if teacher_fingerprint is None and not all(isinstance(t, nn.Module) for t in teachers):
+        raise ValueError("teacher_fingerprint is required for a teacher that is not an nn.Module "
+                         "(a module is fingerprinted from its state_dict; a callable cannot be)")
+    if teacher_fingerprint is not None and not isinstance(teacher_fingerprint, str):
+        raise ValueError(f"teacher_fingerprint must be a str, got {teacher_fingerprint!r}")
+    return teachers
+
+
+def _sparse_args(targets, mode, k, samples, temperature, temperatures, seed) -> dict | None:
+    """build_cache's sparse arguments, checked (None for a dense cache)."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if targets == "dense":
+        if k is not None or samples is not None or temperatures is not None:
+            raise ValueError("k, samples and temperatures are arguments of sparse targets: pass "
+                             "targets='topk', 'sampled' or 'topk+sampled' (or leave them unset)")
+        return None
+    if mode not in ("none", "mean_logits"):
+        raise ValueError(f"ensemble={mode!r} cannot be combined with targets={targets!r}: sparse "
+                         "targets are the top-k / samples of one row of logits; use ensemble='mean_logits'")
+    if targets == "topk":
+        if temperature is not None:
+            raise ValueError("temperature is the sampling temperature of targets='sampled' / "
+                             "'topk+sampled'; a 'topk' cache takes temperatures=(T_t, ...)")
+        temps = temperatures
+    else:
+        if temperatures is not None and temperature is not None:
+            raise ValueError("give the sampling temperature once: temperature=T_s")
+        temps = temperature if temperatures is None else temperatures
+    return {"targets": targets, "k": k, "samples": samples, "temperatures": temps, "seed": seed}
+
+
+def _probe(teachers, dataset, mode, temperature, device) -> torch.Tensor:
+    """The teacher's output on item 0: tells C, the member count, and items vs tokens."""
+    first = _first_input(dataset[0])
+    return teacher_logits(teachers, first.unsqueeze(0).to(device), mode, temperature)
+
+
 def _build_locked(teachers, dataset, out: Path, *, mode, dtype, batch_size, rows_per_shard,
-                  temperature, dataset_fingerprint, device, num_workers, progress,
+                  temperature, sparse_args, identity, device, num_workers, progress,
                   overwrite) -> BuildResult:
     num_rows = len(dataset)
-    store_dtype = DTYPES[dtype][0]
-    modes = [t.training for t in teachers]
+    modes = [getattr(t, "training", None) for t in teachers]
     for t in teachers:
-        t.eval()
+        if isinstance(t, nn.Module):
+            t.eval()
     try:
         with torch.inference_mode():
-            # One row tells C (and the member count) before any shard is sized.
-            probe = _first_input(dataset[0]).unsqueeze(0).to(device)
-            row_shape = tuple(teacher_logits(teachers, probe, mode, temperature).shape[1:])
-            if len(row_shape) != (2 if mode == "members" else 1):
-                raise ValueError(
-                    f"teacher must return (batch, classes) logits, got a row of shape {row_shape}"
-                )
-            row_bytes = store_dtype.itemsize * int(torch.Size(row_shape).numel())
+            probe = _probe(teachers, dataset, mode, None if sparse_args else temperature, device)
+            writer = _make_writer(probe, mode, dtype, sparse_args)
             if rows_per_shard is None:
                 # At most SHARD_BYTES per shard, and at least MIN_SHARDS shards when there are
                 # that many batches: shards are the unit a K-process build deals out, and the
                 # layout must not depend on K (a 1- and a K-process build write the same files).
                 batches = -(-num_rows // batch_size)
-                per_shard = min(SHARD_BYTES // (batch_size * row_bytes), -(-batches // MIN_SHARDS))
+                per_shard = min(SHARD_BYTES // (batch_size * writer.item_bytes), -(-batches // MIN_SHARDS))
                 rows_per_shard = batch_size * max(1, per_shard)
             config = {
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
                 "num_rows": num_rows,
-                "num_classes": row_shape[-1],
+                "num_classes": writer.num_classes,
                 "dtype": dtype,
-                "teacher_fingerprint": fingerprint_teachers(teachers),
-                "dataset_fingerprint": dataset_fingerprint or fingerprint_dataset(dataset),
-                "ensemble": {"mode": mode, "members": len(teachers), "temperature": temperature},
+                "teacher_fingerprint": identity["teacher"],
+                "dataset_fingerprint": identity["dataset"] or fingerprint_dataset(dataset),
+                "ensemble": {"mode": mode, "members": len(teachers),
+                             "temperature": None if sparse_args else temperature},
                 "batch_size": batch_size,
                 "rows_per_shard": rows_per_shard,
+                **writer.config(),
             }
             done = distributed.run_on_main(_prepare_dir, out, config, overwrite)
             if done is None:  # already complete
@@ -224,8 +298,7 @@ def _build_locked(teachers, dataset, out: Path, *, mode, dtype, batch_size, rows
             reused = sum(s["stop"] - s["start"] for s in done.values())
             start_time = time.perf_counter()
             try:
-                _run_shards(teachers, dataset, out, config, done, row_shape, store_dtype, device,
-                            num_workers, progress)
+                _run_shards(teachers, dataset, out, config, done, writer, device, num_workers, progress)
             except OSError as exc:  # disk full, quota, permissions: finished shards are kept
                 raise CacheError(
                     f"writing the cache in {out} failed ({exc}); the finished shards are kept: fix "
@@ -237,14 +310,104 @@ def _build_locked(teachers, dataset, out: Path, *, mode, dtype, batch_size, rows
             seconds = time.perf_counter() - start_time
     finally:
         for t, was_training in zip(teachers, modes, strict=True):
-            t.train(was_training)
+            if isinstance(t, nn.Module):
+                t.train(was_training)
 
-    manifest = {**config, "shards": [done[k] for k in sorted(done)]}
+    shards = [done[k] for k in sorted(done)]
+    manifest = {**config, **writer.totals(shards), "shards": shards}
     if distributed.is_main():
         atomic_write_json(out / MANIFEST, manifest)
         _remove_progress(out)
     distributed.barrier()  # no rank returns before the manifest exists
     return BuildResult(out, manifest, num_rows - reused, reused, seconds)
+
+
+# ------------------------------------------------------------------------ shard writers
+class _DenseWriter:
+    """Rows of raw logits in the stored dtype: ``(C,)`` or ``(M, C)`` per item."""
+
+    tokens = False
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: str) -> None:
+        self.row_shape, self.dtype = row_shape, dtype
+        self.store_dtype = DTYPES[dtype][0]
+        self.num_classes = row_shape[-1]
+        self.item_bytes = self.store_dtype.itemsize * int(torch.Size(row_shape).numel())
+
+    def config(self) -> dict:
+        return {}  # a dense manifest stays exactly the version-1 format
+
+    def totals(self, shards: list[dict]) -> dict:
+        return {}
+
+    def encode(self, logits: torch.Tensor, rows: range, lengths) -> torch.Tensor:
+        if tuple(logits.shape[1:]) != self.row_shape:
+            raise ValueError(f"teacher rows changed shape: {tuple(logits.shape[1:])} after {self.row_shape}")
+        stored = logits.to(self.store_dtype).cpu()
+        if not torch.isfinite(stored).all() and torch.isfinite(logits).all():
+            raise ValueError(
+                f"teacher logits (max |z| = {logits.abs().max().item():.3g}) overflow dtype="
+                f"{self.dtype!r}; use dtype='bfloat16' or 'float32'"
+            )
+        return stored
+
+    def save(self, path: Path, pieces: list) -> tuple[str, dict]:
+        return save_shard(path, torch.cat(pieces) if len(pieces) > 1 else pieces[0]), {}
+
+
+class _SparseWriter:
+    """Packed sparse records (:mod:`kdfast.cache.sparse`), per item or per token."""
+
+    def __init__(self, spec: SparseSpec, tokens: bool, probe_len: int) -> None:
+        self.spec, self.tokens = spec, tokens
+        self.num_classes = spec.num_classes
+        self.item_bytes = spec.bytes_per_row * max(1, probe_len)
+
+    def config(self) -> dict:
+        return {"format_version": SPARSE_FORMAT_VERSION, "targets": self.spec.to_json(),
+                "rows": "tokens" if self.tokens else "items"}
+
+    def totals(self, shards: list[dict]) -> dict:
+        return {"num_tokens": sum(s["tokens"] for s in shards)} if self.tokens else {}
+
+    def encode(self, logits: torch.Tensor, rows: range, lengths: torch.Tensor | None):
+        c = self.num_classes
+        if logits.shape[-1] != c or logits.dim() != (3 if self.tokens else 2):
+            want = "(B, L, C)" if self.tokens else "(B, C)"
+            raise ValueError(f"teacher outputs changed shape: {tuple(logits.shape)}, expected {want} "
+                             f"with C = {c}")
+        ids = torch.tensor(list(rows), dtype=torch.int64)
+        if not self.tokens:
+            keys = torch.stack([ids, torch.zeros_like(ids)], dim=1)
+            return encode_rows(self.spec, logits, keys), None
+        positions = torch.arange(logits.shape[1])
+        valid = positions[None, :] < lengths[:, None]  # (B, L): the sequences' real tokens
+        keys = torch.stack([ids[:, None].expand_as(valid)[valid], positions.expand_as(valid)[valid]], 1)
+        return encode_rows(self.spec, logits[valid.to(logits.device)], keys), lengths
+
+    def save(self, path: Path, pieces: list) -> tuple[str, dict]:
+        records = np.concatenate([p[0] for p in pieces])
+        if not self.tokens:
+            return save_records(path, records), {}
+        lengths = torch.cat([p[1] for p in pieces])
+        offsets = np.concatenate([[0], np.cumsum(lengths.numpy())]).astype("<i8")
+        return save_records(path, records, offsets), {"tokens": len(records)}
+
+
+def _make_writer(probe: torch.Tensor, mode: str, dtype: str, sparse_args: dict | None):
+    dims = 3 if mode == "members" else 2
+    if sparse_args is None:
+        if probe.dim() != dims:
+            hint = (" (a token-level teacher: token-level caches store sparse targets, pass "
+                    "targets='topk')" if probe.dim() == 3 else "")
+            raise ValueError(f"teacher must return (batch, classes) logits, got a row of shape "
+                             f"{tuple(probe.shape[1:])}{hint}")
+        return _DenseWriter(tuple(probe.shape[1:]), dtype)
+    if probe.dim() not in (2, 3):
+        raise ValueError(f"teacher must return (B, C) logits or (B, L, C) token logits, got shape "
+                         f"{tuple(probe.shape)}")
+    spec = make_spec(num_classes=probe.shape[-1], logit_dtype=dtype, **sparse_args)
+    return _SparseWriter(spec, probe.dim() == 3, probe.shape[1] if probe.dim() == 3 else 1)
 
 
 def _prepare_dir(out: Path, config: dict, overwrite: bool) -> dict[int, dict] | None:
@@ -289,8 +452,22 @@ def _prepare_dir(out: Path, config: dict, overwrite: bool) -> dict[int, dict] | 
     return {}
 
 
-def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict], row_shape,
-                store_dtype, device, num_workers: int, progress: bool) -> None:
+def _pad_sequences(items) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collates 1-D integer sequences into a right-padded ``(B, L)`` batch and their lengths."""
+    seqs = [_first_input(item) for item in items]
+    for seq in seqs:
+        if not isinstance(seq, torch.Tensor) or seq.dim() != 1 or seq.is_floating_point():
+            raise ValueError("token-level items must be 1-D integer tensors (token ids), got "
+                             f"{type(seq).__name__} {getattr(seq, 'shape', '')}")
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    batch = torch.zeros(len(seqs), max(1, int(lengths.max())), dtype=torch.int64)
+    for row, seq in zip(batch, seqs, strict=True):
+        row[:len(seq)] = seq
+    return batch, lengths
+
+
+def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict], writer,
+                device, num_workers: int, progress: bool) -> None:
     num_rows, batch_size = config["num_rows"], config["batch_size"]
     rank, world = distributed.rank(), distributed.world_size()
     # Shard j goes to rank j % world: fixed by the shard layout, so a resumed build (with any
@@ -306,39 +483,31 @@ def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict
     # Batches start at each shard's first row, so a resumed build runs the very same batches.
     batches = [range(b, min(b + batch_size, stop)) for start, stop in todo
                for b in range(start, stop, batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    collate = _pad_sequences if writer.tokens else None
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate)
     mode, temperature = config["ensemble"]["mode"], config["ensemble"]["temperature"]
     bar = tqdm(total=sum(b - a for a, b in todo), unit="row", unit_scale=True,
                desc="teacher -> cache" if world == 1 else f"teacher -> cache (rank {rank}/{world})",
                disable=not progress or rank != 0, dynamic_ncols=True)
     shard_iter = iter(todo)
     start, stop = next(shard_iter)
-    buffer = torch.empty((stop - start, *row_shape), dtype=store_dtype)
+    pieces: list = []
     filled = 0
-    for batch in loader:
-        logits = teacher_logits(teachers, _first_input(batch).to(device), mode, temperature)
-        if tuple(logits.shape[1:]) != row_shape:
-            raise ValueError(f"teacher rows changed shape: {tuple(logits.shape[1:])} after {row_shape}")
-        stored = logits.to(store_dtype).cpu()
-        if not torch.isfinite(stored).all() and torch.isfinite(logits).all():
-            raise ValueError(
-                f"teacher logits (max |z| = {logits.abs().max().item():.3g}) overflow dtype="
-                f"{config['dtype']!r}; use dtype='bfloat16' or 'float32'"
-            )
-        buffer[filled:filled + len(stored)] = stored
-        filled += len(stored)
-        bar.update(len(stored))
+    for rows, batch in zip(batches, loader, strict=True):
+        inputs, lengths = batch if writer.tokens else (_first_input(batch), None)
+        logits = teacher_logits(teachers, inputs.to(device), mode, temperature)
+        pieces.append(writer.encode(logits, rows, lengths))
+        filled += len(rows)
+        bar.update(len(rows))
         if filled == stop - start:
             name = shard_name(start, stop)
-            sha = save_shard(out / name, buffer)
-            done[start] = mine[start] = {"file": name, "start": start, "stop": stop, "sha256": sha}
+            sha, extra = writer.save(out / name, pieces)
+            done[start] = mine[start] = {"file": name, "start": start, "stop": stop, "sha256": sha, **extra}
             recorded = done if world == 1 else mine
             atomic_write_json(progress_file,
                               {"config": config, "shards": [recorded[k] for k in sorted(recorded)]})
             nxt = next(shard_iter, None)
             if nxt is not None:
                 start, stop = nxt
-                if stop - start != len(buffer):
-                    buffer = torch.empty((stop - start, *row_shape), dtype=store_dtype)
-                filled = 0
+            pieces, filled = [], 0
     bar.close()

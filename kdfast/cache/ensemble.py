@@ -49,12 +49,19 @@ def combine_members(logits: torch.Tensor, mode: str, temperature: float | None =
     raise ValueError(f"mode must be 'mean_logits' or 'mean_probs', got {mode!r}")
 
 
+def run_teacher(teacher, x: torch.Tensor) -> torch.Tensor:
+    """``teacher(x)``, unwrapping an output object's ``.logits`` (e.g. a transformers model)."""
+    out = teacher(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 def teacher_logits(
     teachers: Sequence[nn.Module], x: torch.Tensor, mode: str, temperature: float | None = None
 ) -> torch.Tensor:
     """Runs each teacher on ``x`` and returns ``(B, C)`` logits (``(B, M, C)`` for
-    ``mode="members"``); call it under ``torch.no_grad`` / ``inference_mode``."""
+    ``mode="members"``; ``(B, L, C)`` for token-level teachers); call it under
+    ``torch.no_grad`` / ``inference_mode``."""
     if mode == "none":
-        return teachers[0](x)
-    stacked = torch.stack([t(x) for t in teachers], dim=-2)  # (B, M, C)
+        return run_teacher(teachers[0], x)
+    stacked = torch.stack([run_teacher(t, x) for t in teachers], dim=-2)  # (B, M, C)
     return stacked if mode == "members" else combine_members(stacked, mode, temperature)

@@ -12,6 +12,13 @@ numpy has no bfloat16, so a bfloat16 shard stores the raw bits as ``<u2`` and th
 ``dtype`` says how to view them. Shards are named by their row range and cover [0, N) in
 order; a later multi-process build writes disjoint ranges and merges the shard lists.
 Every file is written atomically (:mod:`kdfast._io`).
+
+Format version 2 adds sparse caches (``"targets"`` in the manifest, see
+:mod:`kdfast.cache.sparse`): a shard then holds one packed numpy record per row, and a
+token-level cache (``"rows": "tokens"``) prefixes each shard with the int64 offsets of its
+sequences, i.e. two ``.npy`` arrays back to back (``np.load(f)`` twice on one open file reads
+them). A dense cache is still written as version 1, byte for byte as before, so older
+kdfast versions keep reading dense caches and refuse sparse ones with their "rebuild" message.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ import torch
 from kdfast._io import atomic_write_bytes
 
 FORMAT_NAME = "kdfast-soft-targets"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # dense caches
+SPARSE_FORMAT_VERSION = 2  # sparse and token-level caches
+READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION)
+ROW_KINDS = ("items", "tokens")
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 # A build of K > 1 processes: each rank records its finished shards in its own file.
@@ -160,6 +170,60 @@ def open_shard(path: Path, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor
 
 
+def save_records(path: Path, records: np.ndarray, offsets: np.ndarray | None = None) -> str:
+    """Atomically writes a sparse shard: ``[offsets .npy]`` then the records' ``.npy``;
+    returns its SHA-256."""
+    def write(f) -> None:
+        if offsets is not None:
+            np.save(f, np.ascontiguousarray(offsets, dtype="<i8"), allow_pickle=False)
+        np.save(f, np.ascontiguousarray(records), allow_pickle=False)
+
+    atomic_write_bytes(path, write)
+    return sha256_file(path)
+
+
+def _read_npy_header(f, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(f)
+    if fortran_order or dtype.hasobject:
+        raise ValueError("not a C-ordered array of plain values")
+    return shape, dtype
+
+
+def open_records(path: Path, dtype: np.dtype, rows: int, sequences: int | None = None
+                 ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Reads a sparse shard's offsets (``sequences + 1`` int64, token-level only) and
+    memory-maps its ``rows`` records (copy-on-write, like :func:`open_shard`). Any header,
+    size or offset that is not what the manifest says is a :class:`CacheCorruptError`."""
+    try:
+        with open(path, "rb") as f:
+            offsets = None
+            if sequences is not None:
+                shape, odtype = _read_npy_header(f, path)
+                if odtype != np.dtype("<i8") or shape != (sequences + 1,):
+                    raise ValueError(f"offsets are {odtype} {shape}, expected int64 ({sequences + 1},)")
+                offsets = np.fromfile(f, dtype="<i8", count=sequences + 1)
+                if len(offsets) != sequences + 1 or offsets[0] != 0 or offsets[-1] != rows or (
+                        np.diff(offsets) < 0).any():
+                    raise ValueError(f"offsets are not a partition of the shard's {rows} tokens")
+            shape, rdtype = _read_npy_header(f, path)
+            start = f.tell()
+        if rdtype != dtype or shape != (rows,):
+            raise ValueError(f"records are {rdtype} {shape}, the manifest expects {dtype} ({rows},)")
+        expected = start + rows * dtype.itemsize
+        if os.path.getsize(path) != expected:
+            raise ValueError(f"file has {os.path.getsize(path)} bytes, expected {expected}")
+        records = np.memmap(path, dtype=dtype, mode="c", offset=start, shape=(rows,)) if rows else \
+            np.zeros(0, dtype=dtype)
+    except FileNotFoundError:
+        raise CacheCorruptError(f"shard {path} is missing; rebuild the cache") from None
+    except Exception as exc:  # numpy's header parser raises many types (SyntaxError, ...)
+        raise CacheCorruptError(f"shard {path} is unreadable ({type(exc).__name__}: {exc}); rebuild "
+                                "the cache") from None
+    return offsets, records
+
+
 # A manifest lists one small entry per shard; anything larger is not one of ours.
 MAX_JSON_BYTES = 64 << 20
 
@@ -197,10 +261,11 @@ def load_manifest(cache_dir: str | Path) -> dict:
     manifest = read_json(path, "manifest")
     if manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path} is not a kdfast soft-target cache (format={manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise CacheError(
             f"{path} has format_version {manifest.get('format_version')!r}; this kdfast reads "
-            f"version {FORMAT_VERSION}: rebuild the cache"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}: rebuild the cache"
         )
     try:
         _check_manifest_fields(manifest)
@@ -246,6 +311,24 @@ def _check_manifest_fields(m: dict) -> None:
         sha = shard.get("sha256")
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
             raise ValueError(f"bad sha256 in shard entry {shard!r}")
+    if m["format_version"] == SPARSE_FORMAT_VERSION:
+        _check_sparse_fields(m)
+    elif "targets" in m or "rows" in m:
+        raise ValueError("a format_version 1 (dense) manifest has sparse fields ('targets', 'rows')")
+
+
+def _check_sparse_fields(m: dict) -> None:
+    """The version-2 fields: the targets spec, the row kind and each token shard's size."""
+    from kdfast.cache.sparse import SparseSpec  # sparse imports this module
+
+    SparseSpec.from_manifest(m)
+    if m["rows"] not in ROW_KINDS:
+        raise ValueError(f"field 'rows' must be one of {ROW_KINDS}, got {m['rows']!r}")
+    if m["rows"] == "tokens":
+        if not all(_is_int(shard.get("tokens")) for shard in m["shards"]):
+            raise ValueError("every shard entry of a token-level cache needs 'tokens' (an int >= 0)")
+        if not _is_int(m["num_tokens"]) or m["num_tokens"] != sum(s["tokens"] for s in m["shards"]):
+            raise ValueError(f"field 'num_tokens' {m['num_tokens']!r} is not the sum of the shards' tokens")
 
 
 def row_shape(manifest: dict) -> tuple[int, ...]:

@@ -13,16 +13,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from kdfast._sparse_checks import SparseTargets
 from kdfast.cache.fingerprint import fingerprint_dataset, fingerprint_teachers
 from kdfast.cache.format import (
     DTYPES,
+    SPARSE_FORMAT_VERSION,
     CacheCorruptError,
     CacheMismatchError,
     load_manifest,
+    open_records,
     open_shard,
     row_shape,
     sha256_file,
 )
+from kdfast.cache.sparse import SparseSpec, decode_rows, refuse, served_teacher_temperature
 
 
 def _short(fp: str) -> str:
@@ -45,6 +49,10 @@ class SoftTargetCache:
 
     The object pickles without its maps, so it can be handed to DataLoader workers
     (fork or spawn); each worker re-opens (and re-checks) what it reads.
+
+    A sparse cache (``targets`` is "topk", "sampled" or "topk+sampled") is read with
+    :meth:`sparse_targets` instead of indexing; its ``len`` counts items, or sequences for a
+    token-level cache.
     """
 
     def __init__(self, path: str | Path, *, verify_on_open: bool = True) -> None:
@@ -53,6 +61,9 @@ class SoftTargetCache:
         self.verify_on_open = verify_on_open
         self._shards = self.manifest["shards"]
         self._starts = np.array([s["start"] for s in self._shards], dtype=np.int64)
+        sparse = self.manifest["format_version"] == SPARSE_FORMAT_VERSION
+        self.sparse_spec: SparseSpec | None = SparseSpec.from_manifest(self.manifest) if sparse else None
+        self.token_level = sparse and self.manifest["rows"] == "tokens"
         self._row_shape = row_shape(self.manifest)
         self._tensors: dict[int, torch.Tensor] = {}
         self._pid = os.getpid()
@@ -70,6 +81,24 @@ class SoftTargetCache:
     def dtype(self) -> torch.dtype:
         """The stored dtype (float16, bfloat16 or float32)."""
         return DTYPES[self.manifest["dtype"]][0]
+
+    @property
+    def targets(self) -> str:
+        """"dense", "topk", "sampled" or "topk+sampled"."""
+        return "dense" if self.sparse_spec is None else self.sparse_spec.kind
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Payload bytes of one stored row (one token for a token-level cache)."""
+        if self.sparse_spec is not None:
+            return self.sparse_spec.bytes_per_row
+        return self.dtype.itemsize * int(np.prod(self._row_shape))
+
+    @property
+    def teacher_temperature(self) -> float | None:
+        """The ``teacher_temperature`` to give the sparse loss with :meth:`sparse_targets`:
+        None (= T) for top-k logits, 1.0 for the sampled kinds (served as log-probabilities)."""
+        return served_teacher_temperature(self._require_sparse())
 
     @property
     def ensemble(self) -> dict:
@@ -122,18 +151,30 @@ class SoftTargetCache:
         tensor = self._tensors.get(k)
         if tensor is None:
             shard = self._shards[k]
-            path = self.path / shard["file"]
-            if self.verify_on_open:
-                actual = sha256_file(path)
-                if actual != shard["sha256"]:
-                    raise CacheCorruptError(
-                        f"shard {path} is corrupt: SHA-256 {actual[:16]}... != manifest "
-                        f"{shard['sha256'][:16]}...; rebuild the cache (kdfast cache build --overwrite)"
-                    )
-            shape = (shard["stop"] - shard["start"], *self._row_shape)
-            tensor = open_shard(path, self.manifest["dtype"], shape)
+            path = self._verified_path(shard)
+            rows = shard["stop"] - shard["start"]
+            if self.sparse_spec is None:
+                tensor = open_shard(path, self.manifest["dtype"], (rows, *self._row_shape))
+            elif self.token_level:
+                tensor = open_records(path, self.sparse_spec.record_dtype(), shard["tokens"], rows)
+            else:
+                tensor = open_records(path, self.sparse_spec.record_dtype(), rows)
             self._tensors[k] = tensor
         return tensor
+
+    def _verified_path(self, shard: dict) -> Path:
+        path = self.path / shard["file"]
+        if self.verify_on_open:
+            try:
+                actual = sha256_file(path)
+            except FileNotFoundError:
+                raise CacheCorruptError(f"shard {path} is missing; rebuild the cache") from None
+            if actual != shard["sha256"]:
+                raise CacheCorruptError(
+                    f"shard {path} is corrupt: SHA-256 {actual[:16]}... != manifest "
+                    f"{shard['sha256'][:16]}...; rebuild the cache (kdfast cache build --overwrite)"
+                )
+        return path
 
     def _index(self, i: int) -> int:
         if not -len(self) <= i < len(self):
@@ -141,6 +182,9 @@ class SoftTargetCache:
         return i + len(self) if i < 0 else i
 
     def __getitem__(self, index) -> torch.Tensor:
+        if self.sparse_spec is not None:
+            raise CacheMismatchError(f"cache {self.path} stores sparse targets ({self.targets}): read "
+                                     "them with cache.sparse_targets(index, temperature)")
         if isinstance(index, (int, np.integer)):
             i = self._index(int(index))
             k = int(np.searchsorted(self._starts, i, side="right")) - 1
@@ -164,7 +208,10 @@ class SoftTargetCache:
             parts.append(self._shard(k)[lo:hi])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _gather(self, index) -> torch.Tensor:
+    def _row_indices(self, index) -> torch.Tensor:
+        """Any integer index form -> a 1-D int64 tensor of rows in [0, len)."""
+        if isinstance(index, slice):
+            return torch.arange(*index.indices(len(self)))
         idx = index.cpu() if isinstance(index, torch.Tensor) else torch.as_tensor(np.asarray(index))
         if idx.numel() == 0:
             idx = idx.to(torch.int64)  # np.asarray([]) is float64
@@ -174,7 +221,10 @@ class SoftTargetCache:
         n = len(self)
         if idx.numel() and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"row indices must lie in [-{n}, {n}), got min {idx.min()} max {idx.max()}")
-        idx = torch.where(idx < 0, idx + n, idx)
+        return torch.where(idx < 0, idx + n, idx)
+
+    def _gather(self, index) -> torch.Tensor:
+        idx = self._row_indices(index)
         shard_of = torch.from_numpy(np.searchsorted(self._starts, idx.numpy(), side="right") - 1)
         out = torch.empty((idx.numel(), *self._row_shape), dtype=self.dtype)
         for k in torch.unique(shard_of).tolist():
@@ -182,6 +232,75 @@ class SoftTargetCache:
             local = idx[rows] - self._shards[k]["start"]
             out[rows] = self._shard(k).index_select(0, local)
         return out
+
+    # ------------------------------------------------------------------------ sparse access
+    def _require_sparse(self) -> SparseSpec:
+        if self.sparse_spec is None:
+            raise CacheMismatchError(f"cache {self.path} stores dense logits: index it (cache[rows])")
+        return self.sparse_spec
+
+    def sparse_targets(self, index, temperature: float = 1.0, tail: str = "renormalize",
+                       teacher_temperature: float | None = None) -> SparseTargets:
+        """The sparse teacher of rows ``index`` (an int, a slice, or integer indices), for a
+        loss at student temperature ``temperature``, teacher temperature
+        ``teacher_temperature`` (None = T) and ``tail``.
+
+        Item caches give ``(B, k)`` tensors (``(k,)`` for an int); token-level caches take
+        sequence ids and give ``(B, L, k)`` with L the longest of them, ready for ``(B, L, C)``
+        student logits: padding positions have only empty slots (-1), so they count in no
+        term. Give the loss ``teacher_temperature=cache.teacher_temperature``.
+
+        - ``"topk"``: the stored logits (any T with ``tail="renormalize"``), and the tail
+          log-sum-exp when T_t is a declared temperature (``tail="bucket"`` needs one; the
+          error lists them).
+        - ``"sampled"``: ``SparseTargets(ids, log(count), None)``; ``"topk+sampled"``: head
+          log p_i and sampled-tail log(P_R c_i / n). Both only at T = T_s, ``renormalize``.
+
+        Raises:
+            CacheMismatchError: this cache cannot serve ``temperature`` / ``tail``.
+        """
+        spec = self._require_sparse()
+        refuse(spec, temperature, tail, teacher_temperature, str(self.path))
+        scalar = isinstance(index, (int, np.integer))
+        idx = self._row_indices([int(index)] if scalar else index)
+        if self.token_level:
+            out = self._padded_sequences(spec, idx, temperature, teacher_temperature)
+        else:
+            out = decode_rows(spec, self._records(idx), temperature, teacher_temperature)
+        return SparseTargets(*(None if t is None else t[0] if scalar else t for t in out))
+
+    def _records(self, idx: torch.Tensor) -> np.ndarray:
+        """The records of item rows ``idx`` (one copy)."""
+        shard_of = np.searchsorted(self._starts, idx.numpy(), side="right") - 1
+        out = np.empty(len(idx), dtype=self.sparse_spec.record_dtype())
+        for k in np.unique(shard_of):
+            rows = np.nonzero(shard_of == k)[0]
+            out[rows] = self._shard(int(k))[1][idx.numpy()[rows] - self._shards[k]["start"]]
+        return out
+
+    def _sequence(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        offsets, records = self._shard(k)
+        j = i - self._shards[k]["start"]
+        return records[offsets[j]:offsets[j + 1]]
+
+    def _padded_sequences(self, spec: SparseSpec, idx: torch.Tensor, temperature: float,
+                          teacher_temperature: float | None) -> SparseTargets:
+        seqs = [self._sequence(int(i)) for i in idx]
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        flat = decode_rows(spec, np.concatenate(seqs) if seqs else np.zeros(0, spec.record_dtype()),
+                           temperature, teacher_temperature)
+        width = int(lengths.max()) if len(seqs) else 0
+        valid = torch.arange(width)[None, :] < lengths[:, None]  # (B, L)
+
+        def pad(values: torch.Tensor | None, fill: float) -> torch.Tensor | None:
+            if values is None:
+                return None
+            out = torch.full((*valid.shape, *values.shape[1:]), fill, dtype=values.dtype)
+            out[valid] = values
+            return out
+
+        return SparseTargets(pad(flat.indices, -1), pad(flat.logits, 0.0), pad(flat.tail_logsumexp, 0.0))
 
     # ----------------------------------------------------------------------- housekeeping
     def verify(self) -> list[str]:
@@ -205,8 +324,11 @@ class SoftTargetCache:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"SoftTargetCache({str(self.path)!r}, rows={m['num_rows']}, C={m['num_classes']}, "
-                f"dtype={m['dtype']}, ensemble={m['ensemble']['mode']}, shards={len(self._shards)})")
+        rows = f"sequences={m['num_rows']}, tokens={m['num_tokens']}" if self.token_level else \
+            f"rows={m['num_rows']}"
+        return (f"SoftTargetCache({str(self.path)!r}, {rows}, C={m['num_classes']}, "
+                f"targets={self.targets}, dtype={m['dtype']}, ensemble={m['ensemble']['mode']}, "
+                f"shards={len(self._shards)})")
 
 
 def open_cache(
