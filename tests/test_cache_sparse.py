@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -398,3 +399,14 @@ def test_token_level_sampled_is_per_token_deterministic(tmp_path):
 def test_dense_token_level_is_refused(tmp_path):
     with pytest.raises(ValueError, match="token-level caches store sparse targets"):
         build(TinyCausalLM(), sequences(), tmp_path / "c")
+
+
+def test_sparse_reader_pickles_without_its_maps(tmp_path):
+    torch.manual_seed(0)
+    build(TinyCausalLM(), sequences(), tmp_path / "c", targets="topk", k=3, batch_size=4, rows_per_shard=4)
+    cache = SoftTargetCache(tmp_path / "c")
+    before = cache.sparse_targets([2, 9])
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone._tensors == {}
+    after = clone.sparse_targets([2, 9])
+    assert torch.equal(before.indices, after.indices) and torch.equal(before.logits, after.logits)
