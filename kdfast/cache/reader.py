@@ -71,7 +71,8 @@ class SoftTargetCache:
         self.sparse_spec: SparseSpec | None = SparseSpec.from_manifest(self.manifest) if sparse else None
         self.token_level = sparse and self.manifest["rows"] == "tokens"
         self._row_shape = row_shape(self.manifest)
-        self._tensors: dict[int, torch.Tensor] = {}
+        # Shard k: a tensor of rows (dense), or (offsets or None, records) of a sparse cache.
+        self._tensors: dict[int, torch.Tensor | tuple[np.ndarray | None, np.ndarray]] = {}
         self._pid = os.getpid()
 
     # ----------------------------------------------------------------------------- metadata
