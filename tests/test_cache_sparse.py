@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import kdfast
-from kdfast.cache import CacheError, CacheMismatchError, SoftTargetCache, build_cache
+from kdfast.cache import CacheError, CacheMismatchError, SoftTargetCache, build_cache, open_cache
 from kdfast.cache.format import MANIFEST
 from kdfast.cache.sparse import draw_ids, splitmix64, uniforms
 from tests.test_cache import dir_bytes
@@ -287,6 +288,9 @@ def test_sampled_refuses_another_student_temperature(tmp_path, data):
         cache.sparse_targets([0], 1.0)
     with pytest.raises(CacheMismatchError, match="renormalize"):
         cache.sparse_targets([0], 2.0, tail="bucket")
+    with pytest.raises(CacheMismatchError, match="sampled at T_s=2.0"):
+        open_cache(tmp_path / "c", temperature=3.0)
+    open_cache(tmp_path / "c", temperature=2.0)
 
 
 def test_topk_plus_sampled_serves_log_probabilities(tmp_path, data):
@@ -398,3 +402,28 @@ def test_token_level_sampled_is_per_token_deterministic(tmp_path):
 def test_dense_token_level_is_refused(tmp_path):
     with pytest.raises(ValueError, match="token-level caches store sparse targets"):
         build(TinyCausalLM(), sequences(), tmp_path / "c")
+
+
+def test_sparse_reader_pickles_without_its_maps(tmp_path):
+    torch.manual_seed(0)
+    build(TinyCausalLM(), sequences(), tmp_path / "c", targets="topk", k=3, batch_size=4, rows_per_shard=4)
+    cache = SoftTargetCache(tmp_path / "c")
+    before = cache.sparse_targets([2, 9])
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone._tensors == {}
+    after = clone.sparse_targets([2, 9])
+    assert torch.equal(before.indices, after.indices) and torch.equal(before.logits, after.logits)
+
+
+def test_cache_info_of_a_token_level_cache(tmp_path, capsys):
+    from kdfast.cli import main
+
+    torch.manual_seed(0)
+    seqs = sequences()
+    build(TinyCausalLM(), seqs, tmp_path / "c", targets="topk", k=4, temperatures=(1.0, 2.0), batch_size=4,
+          rows_per_shard=4)
+    assert main(["cache", "info", str(tmp_path / "c")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["targets"] == "topk" and info["row_level"] == "tokens"
+    assert info["tokens"] == sum(map(len, seqs))
+    assert info["bytes_per_row"] == 4 * 4 + 4 * 2 and info["temperatures"] == [1.0, 2.0]

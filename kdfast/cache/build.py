@@ -333,6 +333,8 @@ class _DenseWriter:
         self.store_dtype = DTYPES[dtype][0]
         self.num_classes = row_shape[-1]
         self.item_bytes = self.store_dtype.itemsize * int(torch.Size(row_shape).numel())
+        self._buffer: torch.Tensor | None = None
+        self._filled = 0
 
     def config(self) -> dict:
         return {}  # a dense manifest stays exactly the version-1 format
@@ -340,7 +342,13 @@ class _DenseWriter:
     def totals(self, shards: list[dict]) -> dict:
         return {}
 
-    def encode(self, logits: torch.Tensor, rows: range, lengths) -> torch.Tensor:
+    def new_shard(self, rows: int) -> None:
+        """One preallocated buffer per shard size (reused: a shard is on disk before the next)."""
+        if self._buffer is None or len(self._buffer) != rows:
+            self._buffer = torch.empty((rows, *self.row_shape), dtype=self.store_dtype)
+        self._filled = 0
+
+    def add(self, logits: torch.Tensor, rows: range, lengths) -> None:
         if tuple(logits.shape[1:]) != self.row_shape:
             raise ValueError(f"teacher rows changed shape: {tuple(logits.shape[1:])} after {self.row_shape}")
         stored = logits.to(self.store_dtype).cpu()
@@ -349,10 +357,11 @@ class _DenseWriter:
                 f"teacher logits (max |z| = {logits.abs().max().item():.3g}) overflow dtype="
                 f"{self.dtype!r}; use dtype='bfloat16' or 'float32'"
             )
-        return stored
+        self._buffer[self._filled:self._filled + len(stored)] = stored
+        self._filled += len(stored)
 
-    def save(self, path: Path, pieces: list) -> tuple[str, dict]:
-        return save_shard(path, torch.cat(pieces) if len(pieces) > 1 else pieces[0]), {}
+    def save(self, path: Path) -> tuple[str, dict]:
+        return save_shard(path, self._buffer), {}
 
 
 class _SparseWriter:
@@ -362,6 +371,7 @@ class _SparseWriter:
         self.spec, self.tokens = spec, tokens
         self.num_classes = spec.num_classes
         self.item_bytes = spec.bytes_per_row * max(1, probe_len)
+        self._pieces: list[tuple[np.ndarray, torch.Tensor | None]] = []
 
     def config(self) -> dict:
         return {"format_version": SPARSE_FORMAT_VERSION, "targets": self.spec.to_json(),
@@ -370,7 +380,13 @@ class _SparseWriter:
     def totals(self, shards: list[dict]) -> dict:
         return {"num_tokens": sum(s["tokens"] for s in shards)} if self.tokens else {}
 
-    def encode(self, logits: torch.Tensor, rows: range, lengths: torch.Tensor | None):
+    def new_shard(self, rows: int) -> None:
+        self._pieces = []
+
+    def add(self, logits: torch.Tensor, rows: range, lengths: torch.Tensor | None) -> None:
+        self._pieces.append(self._encode(logits, rows, lengths))
+
+    def _encode(self, logits: torch.Tensor, rows: range, lengths: torch.Tensor | None):
         c = self.num_classes
         if logits.shape[-1] != c or logits.dim() != (3 if self.tokens else 2):
             want = "(B, L, C)" if self.tokens else "(B, C)"
@@ -385,11 +401,11 @@ class _SparseWriter:
         keys = torch.stack([ids[:, None].expand_as(valid)[valid], positions.expand_as(valid)[valid]], 1)
         return encode_rows(self.spec, logits[valid.to(logits.device)], keys), lengths
 
-    def save(self, path: Path, pieces: list) -> tuple[str, dict]:
-        records = np.concatenate([p[0] for p in pieces])
+    def save(self, path: Path) -> tuple[str, dict]:
+        records = np.concatenate([p[0] for p in self._pieces])
         if not self.tokens:
             return save_records(path, records), {}
-        lengths = torch.cat([p[1] for p in pieces])
+        lengths = torch.cat([p[1] for p in self._pieces])
         offsets = np.concatenate([[0], np.cumsum(lengths.numpy())]).astype("<i8")
         return save_records(path, records, offsets), {"tokens": len(records)}
 
@@ -491,17 +507,17 @@ def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict
                disable=not progress or rank != 0, dynamic_ncols=True)
     shard_iter = iter(todo)
     start, stop = next(shard_iter)
-    pieces: list = []
+    writer.new_shard(stop - start)
     filled = 0
     for rows, batch in zip(batches, loader, strict=True):
         inputs, lengths = batch if writer.tokens else (_first_input(batch), None)
         logits = teacher_logits(teachers, inputs.to(device), mode, temperature)
-        pieces.append(writer.encode(logits, rows, lengths))
+        writer.add(logits, rows, lengths)
         filled += len(rows)
         bar.update(len(rows))
         if filled == stop - start:
             name = shard_name(start, stop)
-            sha, extra = writer.save(out / name, pieces)
+            sha, extra = writer.save(out / name)
             done[start] = mine[start] = {"file": name, "start": start, "stop": stop, "sha256": sha, **extra}
             recorded = done if world == 1 else mine
             atomic_write_json(progress_file,
@@ -509,5 +525,6 @@ def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict
             nxt = next(shard_iter, None)
             if nxt is not None:
                 start, stop = nxt
-            pieces, filled = [], 0
+                writer.new_shard(stop - start)
+            filled = 0
     bar.close()

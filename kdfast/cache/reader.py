@@ -26,7 +26,13 @@ from kdfast.cache.format import (
     row_shape,
     sha256_file,
 )
-from kdfast.cache.sparse import SparseSpec, decode_rows, refuse, served_teacher_temperature
+from kdfast.cache.sparse import (
+    SparseSpec,
+    decode_rows,
+    refuse,
+    served_teacher_temperature,
+    served_temperature_error,
+)
 
 
 def _short(fp: str) -> str:
@@ -65,7 +71,8 @@ class SoftTargetCache:
         self.sparse_spec: SparseSpec | None = SparseSpec.from_manifest(self.manifest) if sparse else None
         self.token_level = sparse and self.manifest["rows"] == "tokens"
         self._row_shape = row_shape(self.manifest)
-        self._tensors: dict[int, torch.Tensor] = {}
+        # Shard k: a tensor of rows (dense), or (offsets or None, records) of a sparse cache.
+        self._tensors: dict[int, torch.Tensor | tuple[np.ndarray | None, np.ndarray]] = {}
         self._pid = os.getpid()
 
     # ----------------------------------------------------------------------------- metadata
@@ -115,7 +122,8 @@ class SoftTargetCache:
     ) -> None:
         """Raises :class:`CacheMismatchError` unless the cache was built for this teacher (a
         module, an ensemble or a fingerprint string), this dataset (or fingerprint), this
-        class count, and, for an ``ensemble="mean_probs"`` cache, this temperature."""
+        class count, and, for an ``ensemble="mean_probs"`` or a sampled cache, this
+        temperature."""
         problems = []
         if teacher is not None:
             want = teacher if isinstance(teacher, str) else fingerprint_teachers(teacher)
@@ -133,6 +141,10 @@ class SoftTargetCache:
                 problems.append(f"it has {len(self)} rows, the dataset has {len(dataset)}")
         if num_classes is not None and num_classes != self.num_classes:
             problems.append(f"it has C={self.num_classes} classes, expected num_classes={num_classes}")
+        if temperature is not None and self.sparse_spec is not None:
+            problem = served_temperature_error(self.sparse_spec, temperature, "renormalize")
+            if problem:
+                problems.append(problem)
         if temperature is not None and self.ensemble["mode"] == "mean_probs":
             cached_t = self.ensemble["temperature"]
             if not math.isclose(temperature, cached_t, rel_tol=1e-9):

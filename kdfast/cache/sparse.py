@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kdfast._sparse_checks import SparseTargets
-from kdfast.cache.format import DTYPES, CacheError, CacheMismatchError
+from kdfast.cache.format import DTYPES, CacheMismatchError
 from kdfast.topk import topk_targets
 
 TARGETS = ("dense", "topk", "sampled", "topk+sampled")
@@ -184,10 +184,10 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
 def uniforms(seed: int, keys: torch.Tensor, draws: int) -> torch.Tensor:
     """``(R, draws)`` float64 uniforms in [0, 1): draw d of the row with key ``keys[r]``
     (an ``(R, 2)`` int64 pair: item or sequence id, position) is a hash of (seed, key, d)."""
-    h = splitmix64(torch.full((len(keys), 1), seed, dtype=torch.int64))
+    h = splitmix64(torch.full((len(keys), 1), seed, dtype=torch.int64, device=keys.device))
     h = splitmix64(h + keys[:, :1])
     h = splitmix64(h + keys[:, 1:2])
-    h = splitmix64(h + torch.arange(draws, dtype=torch.int64))
+    h = splitmix64(h + torch.arange(draws, dtype=torch.int64, device=keys.device))
     return _shr(h, 11).to(torch.float64) * 2.0 ** -53
 
 
@@ -210,7 +210,7 @@ def count_distinct(ids: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.T
     new = torch.ones_like(ids, dtype=torch.bool)
     new[:, 1:] = ids[:, 1:] != ids[:, :-1]
     slot = torch.cumsum(new.to(torch.int64), dim=-1) - 1
-    counts = torch.zeros(len(ids), max(slots, ids.shape[1]), dtype=torch.int64)
+    counts = torch.zeros(len(ids), max(slots, ids.shape[1]), dtype=torch.int64, device=ids.device)
     counts.scatter_add_(1, slot, torch.ones_like(ids))
     distinct = torch.zeros_like(counts).scatter_(1, slot, ids)
     return distinct[:, :slots], counts[:, :slots]
@@ -231,7 +231,7 @@ def _sample(spec: SparseSpec, log_w: torch.Tensor, keys: torch.Tensor) -> tuple[
 
 # ----------------------------------------------------------------------------- encoding
 def _store_logits(values: torch.Tensor, dtype: str) -> np.ndarray:
-    stored = values.to(DTYPES[dtype][0])
+    stored = values.to(DTYPES[dtype][0]).cpu()
     if not torch.isfinite(stored).all() and torch.isfinite(values).all():
         raise ValueError(f"teacher logits (max |z| = {values.abs().max().item():.3g}) overflow dtype="
                          f"{dtype!r}; use dtype='bfloat16' or 'float32'")
@@ -240,21 +240,23 @@ def _store_logits(values: torch.Tensor, dtype: str) -> np.ndarray:
 
 def encode_rows(spec: SparseSpec, logits: torch.Tensor, keys: torch.Tensor) -> np.ndarray:
     """The records of ``(R, C)`` teacher logits (read in float32); ``keys`` ``(R, 2)`` int64
-    name each row for the sampler (see :func:`uniforms`)."""
-    z = logits.detach().float().cpu()
+    name each row for the sampler (see :func:`uniforms`). Computed on the logits' device;
+    only the k (n) entries per row come back to the CPU. (The same device and build give
+    the same bytes; a float32 exp on another device may, rarely, move a draw.)"""
+    z = logits.detach().float()
     records = np.zeros(len(z), dtype=spec.record_dtype())
     if spec.k:
         head = topk_targets(z, spec.k, spec.temperatures)
-        records["ids"] = head.indices.numpy().astype(spec.id_dtype)
+        records["ids"] = head.indices.cpu().numpy().astype(spec.id_dtype)
         records["logits"] = _store_logits(head.logits, spec.logit_dtype)
-        records["tail_logsumexp"] = head.tail_logsumexp.numpy()
+        records["tail_logsumexp"] = head.tail_logsumexp.cpu().numpy()
     if spec.samples:
         scaled = z / spec.temperatures[0]
         if spec.k:  # the tail distribution: the head's classes get no mass
             scaled = scaled.scatter(-1, head.indices, -math.inf)
-        ids, counts = _sample(spec, scaled, keys)
-        records["sample_ids"] = ids.numpy().astype(spec.id_dtype)
-        records["counts"] = counts.numpy().astype("<u2")
+        ids, counts = _sample(spec, scaled, keys.to(z.device))
+        records["sample_ids"] = ids.cpu().numpy().astype(spec.id_dtype)
+        records["counts"] = counts.cpu().numpy().astype("<u2")
     return records
 
 
@@ -345,5 +347,5 @@ def refuse(spec: SparseSpec, temperature: float, tail: str, teacher_temperature:
         raise CacheMismatchError(f"cache {where} cannot serve this loss: {problem}")
 
 
-__all__ = ["SPARSE_TARGETS", "TARGETS", "CacheError", "SparseSpec", "decode_rows", "encode_rows",
+__all__ = ["SPARSE_TARGETS", "TARGETS", "SparseSpec", "decode_rows", "encode_rows",
            "make_spec", "served_teacher_temperature", "splitmix64", "uniforms"]
