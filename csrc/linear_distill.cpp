@@ -103,28 +103,48 @@ void check_teacher(const Teacher& t, int64_t n_rows, int64_t n_cols) {
 }
 
 // The layer's gradients: hidden in its own dtype (each row written once), weight and bias
-// accumulated over the chunks in float32 (float64 for float64 inputs).
+// summed over the chunks in float32 (float64 for float64 inputs); the first chunk's products
+// become the sums (no zero fill, no extra pass over the C x H weight gradient).
 struct LayerGrads {
   at::Tensor hidden, weight, bias;
+  at::ScalarType acc_dtype;
+  bool with_bias;
 };
+
+void accumulate(at::Tensor& sum, const at::Tensor& part, at::ScalarType acc_dtype) {
+  if (!sum.defined()) {
+    sum = part.scalar_type() == acc_dtype ? part : part.to(acc_dtype);
+  } else {
+    sum.add_(part);  // each chunk's product rounded once into its dtype, summed wide
+  }
+}
 
 // Adds one chunk's contribution. `g` is d loss_i / d logits for the chunk's rows, already
 // scaled per row when the scale differs between rows; `uniform` (one element, or undefined
-// for 1) scales the whole product instead, which keeps it out of the C-wide rows.
+// for 1) scales the chunk's hidden rows instead: N x H values, never the C-wide ones.
 void add_chunk_grads(LayerGrads& acc, const at::Tensor& g, const at::Tensor& x,
                      const at::Tensor& w, int64_t start, const at::Tensor& uniform) {
   // float16 rows come back in float32 (see op_common.h's grad_dtype): multiply in float32.
   const at::Tensor wm = g.scalar_type() == w.scalar_type() ? w : w.to(g.scalar_type());
-  const at::Tensor xm = g.scalar_type() == x.scalar_type() ? x : x.to(g.scalar_type());
-  at::Tensor d_x = at::mm(g, wm);
+  at::Tensor xm = g.scalar_type() == x.scalar_type() ? x : x.to(g.scalar_type());
+  if (uniform.defined()) xm = xm * uniform;  // 0-d: the product keeps x's dtype, one rounding
+  at::Tensor d_x = acc.hidden.narrow(0, start, x.size(0));  // contiguous rows
+  if (d_x.scalar_type() == g.scalar_type()) {
+    at::mm_out(d_x, g, wm);
+  } else {
+    d_x.copy_(at::mm(g, wm));
+  }
   if (uniform.defined()) d_x.mul_(uniform);
-  acc.hidden.narrow(0, start, x.size(0)).copy_(d_x);
-  if (acc.weight.scalar_type() == g.scalar_type()) {
+  if (acc.weight.defined() && acc.weight.scalar_type() == g.scalar_type()) {
     acc.weight.addmm_(g.t(), xm);
   } else {
-    acc.weight.add_(at::mm(g.t(), xm));  // each chunk's product rounded once, summed wide
+    accumulate(acc.weight, at::mm(g.t(), xm), acc.acc_dtype);
   }
-  if (acc.bias.defined()) acc.bias.add_(at::sum(g, 0, false, acc.bias.scalar_type()));
+  if (acc.with_bias) {
+    at::Tensor d_b = at::sum(g, 0, false, acc.acc_dtype);
+    if (uniform.defined()) d_b.mul_(uniform);
+    accumulate(acc.bias, d_b, acc.acc_dtype);
+  }
 }
 
 }  // namespace
@@ -163,8 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
   if (compute_grad) {
     const at::ScalarType acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
     acc.hidden = at::empty(hidden.sizes(), hidden.options());
-    acc.weight = at::zeros(weight.sizes(), weight.options().dtype(acc_dtype));
-    if (given(bias)) acc.bias = at::zeros(bias->sizes(), bias->options().dtype(acc_dtype));
+    acc.acc_dtype = acc_dtype;
+    acc.with_bias = given(bias);
     if (given(row_scale) && !per_row_scale) uniform = row_scale->reshape({}).to(acc_dtype);
   }
   for (int64_t start = 0; start < n_rows; start += rows) {
@@ -192,11 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
     return {loss_rows, at::empty({0}, hidden.options()), at::empty({0}, hidden.options()),
             at::empty({0}, hidden.options())};
   }
-  if (uniform.defined()) {
-    acc.weight.mul_(uniform);
-    if (acc.bias.defined()) acc.bias.mul_(uniform);
-  }
-  at::Tensor d_bias = acc.bias.defined() ? acc.bias.to(dtype) : at::empty({0}, hidden.options());
+  if (!acc.weight.defined()) acc.weight = at::zeros(weight.sizes(), weight.options());  // N = 0
+  if (acc.with_bias && !acc.bias.defined()) acc.bias = at::zeros(bias->sizes(), bias->options());
+  at::Tensor d_bias = acc.with_bias ? acc.bias.to(dtype) : at::empty({0}, hidden.options());
   return {loss_rows, acc.hidden, acc.weight.to(dtype), d_bias};
 }
 
