@@ -27,6 +27,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kdfast.bench import run_report
 
+    if args.suite == "linear":
+        from kdfast.bench.linear import run_linear_report
+
+        threads = int(args.threads) if args.threads else None
+        out = run_linear_report(args.out, quick=args.quick, repeats=args.repeats,
+                                dtypes=tuple(args.dtypes.split(",")), threads=threads,
+                                plot=not args.no_plot)
+        print(f"wrote {out}/linear.md" + ("" if args.no_plot else ", linear.png"))
+        return 0
     shapes = None
     if args.shapes:
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
@@ -65,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "thread counts; writes results.csv, results.md and results.png.",
     )
     bench.add_argument("--out", default="benchmarks/results", help="output directory")
+    bench.add_argument("--suite", choices=("loss", "linear"), default="loss",
+                       help="loss: the fused loss on logits (default); linear: the output layer "
+                            "fused with the loss, from hidden states (one thread count)")
     bench.add_argument("--quick", action="store_true", help="2 shapes, 5 repeats")
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case")
     bench.add_argument("--kinds", default="kl,jsd", help="comma list (default kl,jsd)")
