@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["csrc/cpu/rows.h", "csrc/cpu/lanes.h", "csrc/cuda/distill_rows.cuh"]
 SHARED = ROOT / "csrc" / "include" / "kdfast" / "kd_math.h"
 # The sparse-cache builder's rows: their math is kdfast/topk_math.h's (ranks, tail terms).
-BACKENDS += ["csrc/cpu/topk_rows.h", "csrc/cuda/topk_targets.cu"]
+BACKENDS += ["csrc/cpu/topk_rows.h", "csrc/cuda/topk_rows.cuh", "csrc/cuda/topk_targets.cu"]
 TOPK_SHARED = ROOT / "csrc" / "include" / "kdfast" / "topk_math.h"
 
 # Calls only kd_math.h's step functions may make.
