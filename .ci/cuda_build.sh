@@ -88,10 +88,10 @@ assert info.get("extension"), info
 assert "cuda" in info["backends"], info
 so = kdfast._ext._C.__file__
 print("module:", so)
-for op in ("kdfast::distill_fwd", "kdfast::distill_fwd_inplace"):
+for op in ("kdfast::distill_fwd", "kdfast::distill_fwd_inplace", "kdfast::topk_targets"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
-print("CPU and CUDA kernels registered for distill_fwd and distill_fwd_inplace")
+print("CPU and CUDA kernels registered for distill_fwd, distill_fwd_inplace and topk_targets")
 print("torch.cuda.is_available():", torch.cuda.is_available())
 
 # The CPU path in this build: forward + backward against the pure-PyTorch reference.

@@ -3,6 +3,14 @@
 
 
 TORCH_LIBRARY(kdfast, m) {
+  // The sparse-cache builder (CPU: cpu/topk_targets.cpp): per row of (..., C) float32/bfloat16/
+  // float16 logits the top-k ids (int64, largest first, equal values by smaller id), their
+  // logits (float32) and the tail log-sum-exp at each temperature (float32, (..., n_T)).
+  // See kdfast/topk.py.
+  m.def(
+      "topk_targets(Tensor teacher_logits, int k, float[] temperatures) "
+      "-> (Tensor indices, Tensor logits, Tensor tail_logsumexp)");
+
   // Row losses (N,) in float32 (float64 for float64 inputs) and the per-row gradient of
   // loss_i with respect to student_logits (N, C); the gradient is empty when compute_grad is
   // false. average_rows divides both by the number of counted rows (so loss_rows.sum() is the

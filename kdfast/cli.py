@@ -25,6 +25,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.builder:
+        return _cmd_bench_builder(args)
     from kdfast.bench import run_report
 
     if args.suite == "linear":
@@ -45,6 +47,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         dtypes=tuple(args.dtypes.split(",")), threads=threads, shapes=shapes, plot=not args.no_plot,
     )
     print(f"wrote {out}/results.csv, results.md" + ("" if args.no_plot else ", results.png"))
+    return 0
+
+
+def _cmd_bench_builder(args: argparse.Namespace) -> int:
+    from kdfast.bench.builder import DEFAULT_SHAPE, markdown_row, run_builder_bench
+
+    shape = tuple(int(v) for v in args.shapes.split("x")) if args.shapes else DEFAULT_SHAPE
+    threads = int(args.threads) if args.threads else 2
+    result = run_builder_bench(shape, k=args.k, dtype=args.dtypes.split(",")[0],
+                               threads=threads, repeats=args.repeats or 7, out_dir=args.out)
+    print(markdown_row(result), end="")
+    print(f"wrote {args.out}/builder.md")
     return 0
 
 
@@ -84,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", default=None, help="comma list (default 1 and all cores)")
     bench.add_argument("--shapes", default=None, help="comma list of NxC, e.g. 1024x32000,256x128256")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    bench.add_argument("--builder", action="store_true",
+                       help="the sparse-cache builder row instead: kdfast.topk_targets vs torch.topk + "
+                       "one logsumexp per temperature (--shapes NxC, default 4096x49152; --k; "
+                       "--threads N, default 2; --dtypes one of fp32,bf16,fp16)")
+    bench.add_argument("--k", type=int, default=64, help="--builder: ids per row (default 64)")
     bench.set_defaults(func=_cmd_bench)
     from kdfast.cli_distill import add_commands
 

@@ -18,6 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["csrc/cpu/rows.h", "csrc/cpu/lanes.h", "csrc/cuda/distill_rows.cuh"]
 SHARED = ROOT / "csrc" / "include" / "kdfast" / "kd_math.h"
+# The sparse-cache builder's rows: their math is kdfast/topk_math.h's (ranks, tail terms).
+BACKENDS += ["csrc/cpu/topk_rows.h", "csrc/cuda/topk_rows.cuh", "csrc/cuda/topk_targets.cu"]
+TOPK_SHARED = ROOT / "csrc" / "include" / "kdfast" / "topk_math.h"
 
 # Calls only kd_math.h's step functions may make.
 INNER_HELPERS = [
@@ -25,6 +28,9 @@ INNER_HELPERS = [
     "soft_grad_mode_seeking", "hard_grad", "log_ratio_pq",
     "to_acc_float", "exp", "expf", "log", "logf", "log1p", "log1pf", "__expf", "__logf",
 ]
+# topk_math.h's inner helper: the backends read values back through rank_value.
+TOPK_INNER_HELPERS = ["key_value"]
+INNER_HELPERS += TOPK_INNER_HELPERS
 # Normalizer fields: arithmetic on them is a formula (passing a RowNorm along is not).
 NORMALIZER_FIELDS = ["inv_za", "inv_zb", "inv_zs", "lse_a", "lse_b", "lse_s", "lse_gap"]
 
@@ -69,6 +75,9 @@ def test_the_helpers_exist_in_the_shared_header():
         assert re.search(rf"\b{name}\s*\(", shared), name
     for field in NORMALIZER_FIELDS:
         assert re.search(rf"\b{field}\b", shared), field
+    topk_shared = TOPK_SHARED.read_text()
+    for name in TOPK_INNER_HELPERS:
+        assert re.search(rf"\b{name}\s*\(", topk_shared), name
 
 
 @pytest.mark.parametrize("line", [
