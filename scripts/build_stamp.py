@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
@@ -64,10 +65,15 @@ def source_digest(root: Path, env: dict[str, str] | None = None, torch_version: 
     return h.hexdigest()
 
 
-def built_module(root: Path) -> Path | None:
-    """The compiled extension an editable install leaves in the package (None if absent)."""
-    found = sorted((root / "kdfast").glob("_C*.so"))
-    return found[0] if len(found) == 1 else None
+def built_module(root: Path, suffixes: list[str] | None = None) -> Path | None:
+    """The compiled extension an editable install leaves in the package for this interpreter
+    (``_C`` + one of its extension suffixes, e.g. ``_C.cpython-311-x86_64-linux-gnu.so``), or
+    None. Modules built for other Python versions in the same checkout are not this build."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES if suffixes is None else suffixes:
+        path = root / "kdfast" / f"_C{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
 def _file_sha256(path: Path) -> str:
@@ -100,7 +106,7 @@ def rebuild_reason(root: Path, stamp_path: Path, digest: str, installed: bool) -
         return "build inputs changed since the last build (csrc/, setup.py, pyproject.toml, torch, env)"
     module = built_module(root)
     if module is None:
-        return "no single compiled kdfast/_C*.so in place"
+        return "no compiled kdfast/_C*.so for this Python in place"
     if stamp.get("module") != module.name or stamp.get("module_sha256") != _file_sha256(module):
         return f"{module.name} is not the module the stamp recorded (rebuilt or replaced since)"
     return None
@@ -110,7 +116,7 @@ def record(root: Path, stamp_path: Path, digest: str) -> dict:
     """Writes the stamp for the module now in place (atomically); returns it."""
     module = built_module(root)
     if module is None:
-        raise FileNotFoundError(f"no single compiled module kdfast/_C*.so under {root}: build first")
+        raise FileNotFoundError(f"no compiled module kdfast/_C*.so for this Python under {root}: build first")
     stamp = {"source_digest": digest, "module": module.name, "module_sha256": _file_sha256(module)}
     tmp = stamp_path.with_name(stamp_path.name + ".tmp")
     tmp.write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")

@@ -6,6 +6,7 @@ is not the recorded one, may ask for a rebuild."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -19,7 +20,7 @@ build_stamp = importlib.util.module_from_spec(_spec)
 sys.modules["build_stamp"] = build_stamp
 _spec.loader.exec_module(build_stamp)
 
-MODULE = "_C.cpython-311-x86_64-linux-gnu.so"
+MODULE = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]  # what this interpreter's build writes
 
 
 @pytest.fixture
@@ -97,7 +98,17 @@ def test_a_replaced_or_missing_module_asks_for_a_rebuild(checkout):
     module.write_bytes(b"\x7fELF built by another venv")  # e.g. the CUDA build in .venv-cuda
     assert "not the module the stamp recorded" in _reason(checkout)
     module.unlink()
-    assert "no single compiled" in _reason(checkout)
+    assert "no compiled kdfast/_C*.so for this Python" in _reason(checkout)
+
+
+def test_a_module_built_for_another_python_is_not_this_build(checkout):
+    other = checkout / "kdfast" / "_C.cpython-39-x86_64-linux-gnu.so"
+    other.write_bytes(b"\x7fELF for python 3.9")
+    _record(checkout)  # two modules in the package: the stamp is this interpreter's
+    assert _reason(checkout) is None
+    other.write_bytes(b"\x7fELF rebuilt for python 3.9")
+    assert _reason(checkout) is None
+    assert build_stamp.built_module(checkout, [".cpython-39-x86_64-linux-gnu.so", ".so"]) == other
 
 
 def test_not_installed_or_unreadable_stamp_asks_for_a_rebuild(checkout):
@@ -112,7 +123,7 @@ def test_not_installed_or_unreadable_stamp_asks_for_a_rebuild(checkout):
 
 def test_record_refuses_when_nothing_was_built(checkout):
     (checkout / "kdfast" / MODULE).unlink()
-    with pytest.raises(FileNotFoundError, match=r"no single compiled module kdfast/_C\*\.so"):
+    with pytest.raises(FileNotFoundError, match=r"no compiled module kdfast/_C\*\.so for this Python"):
         _record(checkout)
     assert not (checkout.parent / "venv" / build_stamp.STAMP_NAME).exists()
 
