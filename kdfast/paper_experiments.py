@@ -109,7 +109,7 @@ def bias_grid(cfg: ExperimentConfig, sign: float) -> torch.Tensor:
     """The deltas searched: 0, sign*step, ..., sign*bias_max (0 first, so ties keep the
     smallest shift)."""
     steps = round(cfg.bias_max / cfg.bias_step)
-    return sign * torch.arange(steps + 1, dtype=torch.float64).float() * cfg.bias_step
+    return sign * torch.arange(steps + 1, dtype=torch.float64).float() * cfg.bias_step + 0.0  # no -0.0
 
 
 def output_bias(model: torch.nn.Module) -> torch.Tensor:
@@ -491,6 +491,16 @@ def _pyplot():
     return plt
 
 
+def _plain_log_axis(ax) -> None:
+    """Log y axis labelled 0.5, 1, 2, ... instead of 10^0."""
+    import matplotlib.ticker
+
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+
+
 def plot_bias_shift(results: dict, out: Path) -> None:
     """``bias_shift.png``: validation and test error rates, and the errors on the focus digits,
     against the bias shift; the shifts chosen on validation and by the paper marked."""
@@ -507,7 +517,7 @@ def plot_bias_shift(results: dict, out: Path) -> None:
     ax.axvline(results["chosen_on_validation"]["bias_shift"], color="tab:blue", ls="--", lw=1,
                label="chosen on validation")
     ax.axvline(results["paper"]["bias_shift"], color="gray", ls=":", lw=1, label="paper's shift (test set)")
-    ax.set_yscale("log")
+    _plain_log_axis(ax)
     classes = ", ".join(str(c) for c in results["shifted_classes"])
     ax.set_xlabel(f"shift added to the output bias of class {classes}")
     ax.set_ylabel("error rate (%)")
@@ -526,17 +536,18 @@ def plot_few_data(results: dict, out: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = {"hard": "tab:red", "soft": "tab:green"}
+    names = {"hard": "hard labels", "soft": "soft targets"}
     for kind, runs in results["runs"].items():
         for i, run in enumerate(runs):
             curve = run["val_errors_per_epoch"]
             n = run["fixed_schedule"]["val_n"]
             ax.plot(range(1, len(curve) + 1), [100 * e / n for e in curve], color=colors[kind], lw=1,
-                    alpha=0.8, label=f"{kind} labels, 3 % of the data" if i == 0 else None)
+                    alpha=0.8, label=f"{names[kind]}, {results['rows']:,} images" if i == 0 else None)
     for name, ref in results["full_data"].items():
         ax.axhline(100 * ref["test_errors"] / ref["test_n"], ls="--", lw=1,
                    color="tab:red" if name == "student_hard" else "tab:green",
                    label=f"all data, {name.replace('student_', '')} (test)")
-    ax.set_yscale("log")
+    _plain_log_axis(ax)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation error rate (%)")
     ax.set_title(f"few-data: {results['rows']:,} MNIST images, seeds {results['seeds']}")

@@ -80,6 +80,7 @@ def test_bias_grid_and_margins():
     cfg = pe.ExperimentConfig(bias_max=1.0, bias_step=0.25)
     assert pe.bias_grid(cfg, 1.0).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert pe.bias_grid(cfg, -1.0).tolist() == [0.0, -0.25, -0.5, -0.75, -1.0]
+    assert str(pe.bias_grid(cfg, -1.0)[0].item()) == "0.0"  # not -0.0 in the results
     logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0]])
     assert pe._margins(logits, torch.tensor([1, 2])).tolist() == [1.0, -4.0]
 
