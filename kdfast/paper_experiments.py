@@ -521,8 +521,9 @@ def plot_bias_shift(results: dict, out: Path) -> None:
     classes = ", ".join(str(c) for c in results["shifted_classes"])
     ax.set_xlabel(f"shift added to the output bias of class {classes}")
     ax.set_ylabel("error rate (%)")
-    ax.set_title(f"{results['experiment']}: student 784-800-800-10 distilled at T="
-                 f"{results['preset']['temperature']:g} on {results['transfer_rows']:,} images")
+    ax.set_title(f"{results['experiment']}: 800-800 student distilled at T="
+                 f"{results['preset']['temperature']:g}, {results['transfer_rows']:,} transfer images",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
