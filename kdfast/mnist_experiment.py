@@ -113,6 +113,38 @@ def _measure_speed(train, teacher_model, cache_dir, preset: Preset, seed: int) -
     }
 
 
+def teacher_and_cache(preset: Preset, train, test, out: Path, seed: int = 0, progress: bool = True,
+                      stage=None) -> tuple[torch.nn.Module, object, dict]:
+    """Stages 1-2: trains the teacher into ``out/teacher`` and caches its logits over ``train``
+    into ``out/cache`` (each resumed, i.e. skipped, when already complete). Returns the teacher,
+    its :class:`~kdfast.train.TrainResult` and the cache build's statistics. ``stage(name, t0)``
+    is called after each stage (timing/log). Shared by :func:`run_mnist` and the experiments of
+    :mod:`kdfast.paper_experiments`, so they all distil from one teacher."""
+    t0 = time.perf_counter()
+    teacher, teacher_run = _train_model(
+        "teacher", TEACHER_SIZES, train=train, test=test, out=out, batch_size=preset.batch_size, seed=seed,
+        warmup=preset.warmup_epochs, progress=progress, dropout=preset.teacher_dropout,
+        input_dropout=preset.teacher_input_dropout, epochs=preset.teacher_epochs, lr=preset.teacher_lr,
+        augment=(lambda x, g: jitter(x, g, max_shift=preset.jitter)))
+    if stage is not None:
+        stage("teacher", t0)
+
+    t0 = time.perf_counter()
+    built = build_cache(teacher, train, out / "cache", dtype=preset.cache_dtype, batch_size=4096,
+                        progress=progress)
+    if stage is not None:
+        stage("cache build", t0)
+    stats_path = out / "cache_build.json"
+    if built.rows_computed or not stats_path.exists():
+        # A resumed run finds the cache complete: keep the first build's numbers.
+        atomic_write_json(stats_path, {
+            "rows": len(train), "dtype": preset.cache_dtype, "rows_computed": built.rows_computed,
+            "seconds": built.seconds, "rows_per_s": built.rows_per_s,
+            "bytes": sum((out / "cache" / s["file"]).stat().st_size for s in built.manifest["shards"]),
+        })
+    return teacher, teacher_run, load_results(stats_path)
+
+
 def run_mnist(preset: str | Preset = "quick", out_dir: str | Path | None = None,
               data_dir: str | Path | None = None, seed: int = 0, plot: bool = True,
               progress: bool = True, log=print) -> dict:
@@ -137,25 +169,7 @@ def run_mnist(preset: str | Preset = "quick", out_dir: str | Path | None = None,
 
     common = dict(train=train, test=test, out=out, batch_size=preset.batch_size, seed=seed,
                   warmup=preset.warmup_epochs, progress=progress)
-    t0 = time.perf_counter()
-    teacher, teacher_run = _train_model(
-        "teacher", TEACHER_SIZES, dropout=preset.teacher_dropout,
-        input_dropout=preset.teacher_input_dropout, epochs=preset.teacher_epochs,
-        lr=preset.teacher_lr, augment=(lambda x, g: jitter(x, g, max_shift=preset.jitter)), **common)
-    stage("teacher", t0)
-
-    t0 = time.perf_counter()
-    built = build_cache(teacher, train, out / "cache", dtype=preset.cache_dtype, batch_size=4096,
-                        progress=progress)
-    stage("cache build", t0)
-    stats_path = out / "cache_build.json"
-    if built.rows_computed:  # a resumed run finds the cache complete: keep the first build's numbers
-        atomic_write_json(stats_path, {
-            "rows": len(train), "dtype": preset.cache_dtype, "rows_computed": built.rows_computed,
-            "seconds": built.seconds, "rows_per_s": built.rows_per_s,
-            "bytes": sum((out / "cache" / s["file"]).stat().st_size for s in built.manifest["shards"]),
-        })
-    cache_stats = load_results(stats_path)
+    teacher, teacher_run, cache_stats = teacher_and_cache(preset, train, test, out, seed, progress, stage)
 
     t0 = time.perf_counter()
     clip = preset.student_clip_grad_norm
@@ -206,9 +220,7 @@ def run_mnist(preset: str | Preset = "quick", out_dir: str | Path | None = None,
                            ("student_distilled", kd_run))},
         "cache": cache_stats, "speed": speed, "sweep": sweep,
         "stage_seconds": stages, "wall_seconds": round(time.perf_counter() - began, 1),
-        "machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "kdfast": kdfast.__version__, "python": platform.python_version(),
-                    "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": machine_info(),
     }
     atomic_write_json(out / "results.json", results)
     if plot:
@@ -216,6 +228,28 @@ def run_mnist(preset: str | Preset = "quick", out_dir: str | Path | None = None,
     log(format_table(results))
     log(f"wrote {out / 'results.json'}" + (", errors_per_epoch.png, temperature_sweep.png" if plot else ""))
     return results
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine_info() -> dict:
+    """Where a run ran. The CPU model, torch's CPU capability and the thread count are part
+    of the result: with the same seed, MKL's matrix products round differently on another
+    instruction set or another thread count, and training amplifies the last-bit difference
+    into other test errors (see the README's MNIST section)."""
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu_model": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "kdfast": kdfast.__version__, "python": platform.python_version(),
+            "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def format_table(results: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,11 +77,21 @@ class CachedTeacher:
     :class:`kdfast.SparseKDLoss`: top-k rows at the loss's temperatures (``tail="bucket"``
     needs its teacher temperature among the declared ones); sampled rows only at
     ``temperature = T_s`` and with ``teacher_temperature=1.0`` (they are log-probabilities).
+
+    ``rows``: train on a subset of the cached dataset (a transfer set with some classes left
+    out, a few-data sample): row i of the training set is cache row ``rows[i]``. The training
+    set is then not the cached dataset, so its fingerprint is not checked: check the cache
+    against the full dataset first (``open_cache(path, dataset=full)``).
     """
 
     def __init__(self, cache: SoftTargetCache | str | Path, combine: str | None = None,
-                 check_dataset: bool = True) -> None:
+                 check_dataset: bool = True, rows: torch.Tensor | Sequence[int] | None = None) -> None:
         self.cache = cache if isinstance(cache, SoftTargetCache) else SoftTargetCache(cache)
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long).flatten()
+        if self.rows is not None and len(self.rows) and not (
+                0 <= int(self.rows.min()) and int(self.rows.max()) < len(self.cache)):
+            raise ValueError(f"rows must be cache row indices in [0, {len(self.cache)}), got "
+                             f"[{int(self.rows.min())}, {int(self.rows.max())}]")
         members = self.cache.ensemble["mode"] == "members"
         if members and combine not in ("mean_logits", "mean_probs"):
             raise ValueError(f"cache {self.cache.path} stores each ensemble member: pass "
@@ -91,7 +102,7 @@ class CachedTeacher:
             raise ValueError(f"cache {self.cache.path} is token-level: fit trains classification "
                              "students; read it with cache.sparse_targets(seq_ids, T) in your own loop")
         self.combine = combine
-        self.check_dataset = check_dataset
+        self.check_dataset = check_dataset and self.rows is None
         self.temperature: float | None = None
         self.loss: SparseKDLoss | None = None
 
@@ -116,8 +127,10 @@ class CachedTeacher:
                             f"kdfast.{want}, got {type(loss).__name__}")
         self.cache.check_compatible(dataset=dataset if self.check_dataset else None,
                                     temperature=None if self.sparse else loss.temperature)
-        if len(dataset) != len(self.cache):
-            raise CacheMismatchError(f"cache has {len(self.cache)} rows, the dataset {len(dataset)}")
+        expected = len(self.cache) if self.rows is None else len(self.rows)
+        if len(dataset) != expected:
+            what = "cache has" if self.rows is None else "rows select"
+            raise CacheMismatchError(f"{what} {expected} rows, the dataset {len(dataset)}")
         self.temperature = loss.temperature
         if self.sparse:
             want = self.cache.teacher_temperature
@@ -130,6 +143,7 @@ class CachedTeacher:
             self.loss = loss
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | SparseTargets:
+        idx = idx if self.rows is None else self.rows[idx]
         if self.sparse:
             served = self.cache.sparse_targets(idx, self.loss.temperature, self.loss.tail,
                                                teacher_temperature=self.loss.teacher_temperature)
@@ -141,8 +155,12 @@ class CachedTeacher:
 
     def describe(self) -> str:
         targets = "" if not self.sparse else f"{self.cache.targets}, "
-        return (f"cache {self.cache.path} ({targets}{self.cache.manifest['dtype']}, "
+        text = (f"cache {self.cache.path} ({targets}{self.cache.manifest['dtype']}, "
                 f"{self.cache.ensemble['mode']})")
+        if self.rows is not None:  # part of the run config: a resume with other rows is refused
+            digest = hashlib.sha256(self.rows.numpy().tobytes()).hexdigest()[:16]
+            text += f", {len(self.rows)} rows sha256:{digest}"
+        return text
 
 
 TeacherLike = nn.Module | Sequence[nn.Module] | SoftTargetCache | str | Path | LiveTeacher | CachedTeacher
@@ -329,6 +347,7 @@ def fit(
     model_spec: dict | None = None,
     name: str = "student",
     progress: bool = True,
+    on_epoch: Callable[[nn.Module, dict], None] | None = None,
 ) -> TrainResult:
     """Trains ``student`` on ``train_data``; returns the per-epoch history.
 
@@ -356,6 +375,10 @@ def fit(
             rebuild the model (see :func:`kdfast.models.build_model`).
         name: label for the progress bar and the log.
         progress: show progress bars (epochs; rows/s and loss within an epoch).
+        on_epoch: ``on_epoch(student, record)`` after each epoch's evaluation, on the main
+            rank: e.g. evaluate a validation split into ``record`` (logged and checkpointed
+            after the call) and keep the best weights for early stopping. Not called again
+            for the epochs a resumed run skips.
 
     Inside an initialized ``torch.distributed`` process group of K > 1 ranks (e.g. under
     ``torchrun``; the CLI initializes it) the student is wrapped in DistributedDataParallel
@@ -391,6 +414,8 @@ def fit(
                                   augment, epoch, steps_per_epoch, device, progress)
             if main:  # rank 0 evaluates and writes the checkpoint; the others wait at the barrier
                 _evaluate_epoch(record, student, eval_data, cfg, epochs_bar)
+                if on_epoch is not None:
+                    on_epoch(student, record)
             result.history.append(record)
             if main and ckpt_path is not None:
                 _save_run(ckpt_path, epoch + 1, run_config, student, optimizer, scheduler, result.history)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with the CPU build of torch and the test tools, then builds kdfast in it.
-# Idempotent: a second run only rebuilds what changed.
+# Idempotent: a second run rebuilds the extension only when its inputs changed
+# (scripts/build_stamp.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${KDFAST_VENV:-.venv}
@@ -12,5 +13,10 @@ fi
 "$VENV/bin/pip" install -q "$TORCH_SPEC" ninja numpy pytest expecttest hypothesis ruff tqdm \
   pytest-benchmark matplotlib scikit-learn
 # Against the torch just installed: an isolated build would fetch another multi-GB torch.
-"$VENV/bin/pip" install -q -e . --no-build-isolation
+# Skipped (minutes saved) when the build stamp says csrc/, setup.py, pyproject.toml, torch and
+# the build environment are unchanged since the module in place was built.
+if ! "$VENV/bin/python" scripts/build_stamp.py check --root . --venv "$VENV"; then
+  "$VENV/bin/pip" install -q -e . --no-build-isolation
+  "$VENV/bin/python" scripts/build_stamp.py record --root . --venv "$VENV"
+fi
 "$VENV/bin/python" -c "import kdfast, json; print(json.dumps(kdfast.build_info()))"

@@ -71,6 +71,30 @@ def test_cache_and_live_teacher_give_the_same_first_step_loss(tmp_path, toy):
     assert first_step_loss(LiveTeacher(teacher), toy, loss) == live
 
 
+def test_cached_teacher_rows_train_a_subset_on_its_cache_rows(tmp_path, toy):
+    # A transfer set that is part of the cached dataset (classes left out, a few-data sample):
+    # its row i reads cache row rows[i], so the first step equals distilling from a cache of
+    # the subset itself.
+    teacher = teacher_for()
+    loss = kdfast.KDLoss(temperature=3.0, alpha=0.7)
+    rows = torch.nonzero(toy.tensors[1] != 2).flatten()[torch.randperm(200, generator=torch.Generator()
+                                                                        .manual_seed(0))[:150]]
+    subset = TensorDataset(*(t[rows] for t in toy.tensors))
+    build_cache(teacher, toy, tmp_path / "full", dtype="float32", batch_size=64, progress=False)
+    build_cache(teacher, subset, tmp_path / "sub", dtype="float32", batch_size=64, progress=False)
+    via_rows = first_step_loss(CachedTeacher(tmp_path / "full", rows=rows), subset, loss)
+    assert via_rows == pytest.approx(first_step_loss(tmp_path / "sub", subset, loss), rel=1e-6)
+    assert CachedTeacher(tmp_path / "full", rows=rows)(torch.empty(0), torch.tensor([0, 5])).equal(
+        CachedTeacher(tmp_path / "full").cache[rows[[0, 5]]])
+    # The rows are part of the run config: a resume with other rows is refused.
+    other = CachedTeacher(tmp_path / "full", rows=rows.flip(0))
+    assert other.describe() != CachedTeacher(tmp_path / "full", rows=rows).describe()
+    with pytest.raises(CacheMismatchError, match="rows select 150 rows, the dataset 256"):
+        first_step_loss(CachedTeacher(tmp_path / "full", rows=rows), toy, loss)
+    with pytest.raises(ValueError, match=r"rows must be cache row indices in \[0, 256\), got \[0, 256\]"):
+        CachedTeacher(tmp_path / "full", rows=[0, 256])
+
+
 def test_ensemble_live_and_members_cache_agree(tmp_path, toy):
     members = [teacher_for(0), teacher_for(1)]
     loss = kdfast.KDLoss(temperature=2.0, alpha=0.5)
@@ -217,6 +241,23 @@ def test_seed_makes_runs_reproducible(toy):
     fit(a, toy, config=cfg, progress=False, augment=lambda x, g: x + 0.1 * torch.randn(x.shape, generator=g))
     fit(b, toy, config=cfg, progress=False, augment=lambda x, g: x + 0.1 * torch.randn(x.shape, generator=g))
     assert _same_weights(a, b)
+
+
+def test_on_epoch_sees_each_epoch_and_its_additions_are_logged(tmp_path, toy):
+    seen = []
+    student = student_for()
+
+    def on_epoch(model, record):
+        assert model is student
+        seen.append((record["epoch"], "test_errors" in record))
+        record["val_errors"] = evaluate(model, toy)["errors"]
+
+    cfg = TrainConfig(epochs=3, batch_size=64, seed=0, eval_every=2)
+    result = fit(student, toy, config=cfg, eval_data=toy, out_dir=tmp_path, progress=False,
+                 on_epoch=on_epoch)
+    assert seen == [(1, False), (2, True), (3, True)]  # after the evaluation of epochs 2 and 3
+    logged = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
+    assert [r["val_errors"] for r in logged] == [r["val_errors"] for r in result.history]
 
 
 def test_checkpoint_and_metrics_log(tmp_path, toy):
