@@ -222,3 +222,29 @@ def test_cuda_compile_training_step():
     (g,) = torch.autograd.grad(loss, lin.weight)
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, g_eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, BF16])
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+def test_cuda_linear_matches_cpu(dtype, form):
+    """kdfast.linear_distillation_loss on the device vs on the CPU (the same device-generic op,
+    the device's matmuls and row kernel)."""
+    g = gen(11)
+    h = torch.randn(50, 24, generator=g).to(dtype)
+    w = torch.randn(300, 24, generator=g).to(dtype) / 5
+    b = torch.randn(300, generator=g).to(dtype)
+    th, tw = torch.randn(50, 16, generator=g).to(dtype), torch.randn(300, 16, generator=g).to(dtype)
+    y = make_target((50,), 300, "ignored")
+    results = []
+    for dev in ("cpu", DEVICE):
+        params = [t.to(dev).requires_grad_() for t in (h, w, b)]
+        teacher = ({"teacher_logits": (th @ tw.T).to(dev)} if form == "logits" else
+                   {"teacher_hidden": th.to(dev), "teacher_weight": tw.to(dev)})
+        loss = kdfast.linear_distillation_loss(params[0], params[1], y.to(dev),
+                                               student_bias=params[2], temperature=2.0,
+                                               chunk_rows=16, **teacher)
+        loss.backward()
+        results.append([loss.cpu()] + [p.grad.cpu() for p in params])
+    tol = {F64: 1e-10, F32: 1e-4, BF16: 3e-2}[dtype]
+    for cpu_value, dev_value in zip(*results, strict=True):
+        torch.testing.assert_close(dev_value.double(), cpu_value.double(), rtol=tol, atol=tol)

@@ -39,6 +39,36 @@ def hbm_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
 
 
+def linear_rows(device: str, repeats: int) -> list[dict]:
+    """The fused output layer (kdfast bench --suite linear's providers) on the GPU: time and
+    peak extra device memory of forward+backward from hidden states."""
+    from kdfast.bench.linear import PROVIDERS, SHAPES, make_linear_step
+
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        for n, h, c in SHAPES:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            inputs = (torch.randn(n, h, device="cuda", generator=gen).to(dtype),
+                      (torch.randn(c, h, device="cuda", generator=gen) / h**0.5).to(dtype),
+                      torch.zeros(c, device="cuda", dtype=dtype),
+                      (torch.randn(n, c, device="cuda", generator=gen) * 2).to(dtype),
+                      torch.randint(0, c, (n,), device="cuda", generator=gen))
+            for provider in PROVIDERS:
+                step = make_linear_step(provider)
+                step(*inputs)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                ms = statistics.median(cuda_ms(lambda step=step, inputs=inputs: step(*inputs), repeats))
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                rows.append({"device": device, "kind": "linear", "dtype": dtype_name, "rows": n,
+                             "cols": c, "provider": f"linear-{provider}", "median_ms": ms,
+                             "peak_extra_mb": peak, "hidden": h})
+                print(f"linear {dtype_name} ({n}, {h}, {c}) {provider}: {ms:.2f} ms, "
+                      f"{peak:.0f} MiB")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gpu")
@@ -80,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind:<4} {dtype_name} ({n}, {c}): kdfast {k:.3f} ms, eager "
                       f"{medians['eager']:.3f}, compiled {medians['compiled']:.3f}, "
                       f"{100 * roofline_ms / k:.0f}% of HBM roofline")
+    rows += linear_rows(device, args.repeats)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {out / 'results.csv'}")
