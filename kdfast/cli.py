@@ -27,6 +27,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kdfast.bench import run_report
 
+    if args.sparse:
+        from kdfast.bench.sparse import run_sparse_report
+
+        threads = int(args.threads) if args.threads else 2
+        out = run_sparse_report(args.out, repeats=args.repeats or 7, threads=threads)
+        print(f"wrote {out}/sparse_results.csv, sparse_results.md")
+        return 0
+
     shapes = None
     if args.shapes:
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
@@ -72,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", default=None, help="comma list (default 1 and all cores)")
     bench.add_argument("--shapes", default=None, help="comma list of NxC, e.g. 1024x32000,256x128256")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    bench.add_argument("--sparse", action="store_true",
+                       help="the sparse-target rows instead: (N, C, k) = (4096, 49152, 64) and (1024, "
+                            "128256, 128), fp32, against the sparse eager/compiled baselines and the "
+                            "dense op (--threads: one count, default 2)")
     bench.set_defaults(func=_cmd_bench)
     from kdfast.cli_distill import add_commands
 
