@@ -11,10 +11,6 @@
 namespace kdfast {
 namespace {
 
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
-}
-
 // The memory of a 1-D (N,) or 2-D (N, C) tensor as N byte ranges: row i covers
 // [begin + i * stride, begin + i * stride + span), its first element to one past its last
 // (exactly its bytes when the row has unit stride, an over-estimate otherwise).
@@ -89,6 +85,35 @@ void check_inplace_memory(const at::Tensor& student, const at::Tensor& teacher,
 
 }  // namespace
 
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+bool tensors_share_memory(const at::Tensor& a, const at::Tensor& b) { return shares_memory(a, b); }
+
+void check_scalar_args(double temperature, double alpha, double beta, double label_smoothing) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "beta must be in (0, 1), got ", beta);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+at::Tensor prepare_target(const c10::optional<at::Tensor>& target, const at::Tensor& student) {
+  if (!target.has_value() || !target->defined()) return at::Tensor();
+  const at::Tensor& y = *target;
+  const int64_t n_rows = student.size(0);
+  TORCH_CHECK_TYPE(!at::isFloatingType(y.scalar_type()) && !at::isComplexType(y.scalar_type()) &&
+                       y.scalar_type() != at::kBool,
+                   "target must be an integer tensor of class indices, got ", y.scalar_type());
+  TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == n_rows, "target shape ", y.sizes(),
+                    " must be (N,) = (", n_rows, ",) to match student_logits");
+  TORCH_CHECK_VALUE(y.device() == student.device(), "target is on ", y.device(),
+                    " but student_logits is on ", student.device());
+  return y.to(at::kLong);
+}
+
 int32_t parse_kind(c10::string_view kind) {
   if (kind == "kl") return math::KIND_KL;
   if (kind == "reverse_kl") return math::KIND_REVERSE_KL;
@@ -125,28 +150,13 @@ PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor
   TORCH_CHECK_VALUE(teacher_logits.device() == student_logits.device(),
                     "teacher_logits is on ", teacher_logits.device(),
                     " but student_logits is on ", student_logits.device());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
-                    "temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "beta must be in (0, 1), got ", beta);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "label_smoothing must be in [0, 1], got ", label_smoothing);
+  check_scalar_args(temperature, alpha, beta, label_smoothing);
   const int32_t kind_id = parse_kind(kind);
 
   PreparedInputs out;
   out.n_rows = student_logits.size(0);
   out.n_cols = student_logits.size(1);
-  if (target.has_value() && target->defined()) {
-    const at::Tensor& y = *target;
-    TORCH_CHECK_TYPE(!at::isFloatingType(y.scalar_type()) && !at::isComplexType(y.scalar_type()) &&
-                         y.scalar_type() != at::kBool,
-                     "target must be an integer tensor of class indices, got ", y.scalar_type());
-    TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == out.n_rows, "target shape ", y.sizes(),
-                      " must be (N,) = (", out.n_rows, ",) to match student_logits");
-    TORCH_CHECK_VALUE(y.device() == student_logits.device(), "target is on ", y.device(),
-                      " but student_logits is on ", student_logits.device());
-    out.target = y.to(at::kLong);
-  }
+  out.target = prepare_target(target, student_logits);
 
   // Only the class dimension needs unit stride; row strides are passed to the kernels.
   const bool wants_f64 =

@@ -20,6 +20,16 @@ struct PreparedInputs {
 
 int32_t parse_kind(c10::string_view kind);
 
+bool is_supported_float(at::ScalarType t);
+// Whether two 1-D or 2-D tensors share any byte: exact for rows with unit stride (a student
+// written in place always has them), conservative otherwise.
+bool tensors_share_memory(const at::Tensor& a, const at::Tensor& b);
+// temperature, alpha, beta and label_smoothing in range (errors name the argument).
+void check_scalar_args(double temperature, double alpha, double beta, double label_smoothing);
+// The target checked against the (N, C) student (integer, (N,), same device) and converted
+// to int64; undefined when absent. Its values are checked by the backends.
+at::Tensor prepare_target(const c10::optional<at::Tensor>& target, const at::Tensor& student);
+
 // Validates every argument (errors name the argument and the expected value), makes the
 // class dimension contiguous where it is not, pairs float64 with float64, and converts the
 // target to int64. `inplace`: the student buffer will receive the gradient, so it must

@@ -1,4 +1,5 @@
-// The op schemas, defined once for every backend (CPU: cpu/distill.cpp, CUDA: cuda/distill.cu).
+// The op schemas, defined once for every backend (CPU: cpu/distill.cpp, cpu/sparse_distill.cpp;
+// CUDA: cuda/distill.cu).
 #include <torch/library.h>
 
 
@@ -24,6 +25,23 @@ TORCH_LIBRARY(kdfast, m) {
   m.def(
       "distill_fwd_inplace(Tensor(a!) student_logits, Tensor teacher_logits, Tensor? target, "
       "float temperature, float alpha, str kind, float beta, int ignore_index, "
+      "float label_smoothing, bool scale_by_t2, bool average_rows=False) -> Tensor");
+  // The sparse teacher (kdfast.sparse_distillation_loss): its logits at k ids per row
+  // (teacher_ids (N, k), -1 = empty slot) and, for tail="bucket", the log-sum-exp of the rest
+  // (tail_logsumexp (N,); None: the rest has no teacher mass, tail="renormalize"). Outputs and
+  // average_rows as distill_fwd's; a row counts if its target is not ignore_index or, without
+  // target, if it has a valid id. See kdfast/sparse_ops.py.
+  m.def(
+      "sparse_distill_fwd(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logits, "
+      "Tensor? tail_logsumexp, Tensor? target, float temperature, float teacher_temperature, "
+      "float alpha, str kind, float beta, int ignore_index, float label_smoothing, "
+      "bool scale_by_t2, bool compute_grad, bool average_rows=False) -> (Tensor, Tensor)");
+  // Same, but the gradient overwrites student_logits; every row's ids and target are checked
+  // before any is written.
+  m.def(
+      "sparse_distill_fwd_inplace(Tensor(a!) student_logits, Tensor teacher_ids, "
+      "Tensor teacher_logits, Tensor? tail_logsumexp, Tensor? target, float temperature, "
+      "float teacher_temperature, float alpha, str kind, float beta, int ignore_index, "
       "float label_smoothing, bool scale_by_t2, bool average_rows=False) -> Tensor");
   // Backward of distill_fwd: grad * row_scale[:, None] computed in float32 (or wider), rounded
   // once into `dtype`, written to a fresh buffer (huge-page backed on Linux CPUs).

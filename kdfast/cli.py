@@ -38,6 +38,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                 plot=not args.no_plot)
         print(f"wrote {out}/linear.md" + ("" if args.no_plot else ", linear.png"))
         return 0
+    if args.sparse:
+        from kdfast.bench.sparse import run_sparse_report
+
+        threads = int(args.threads) if args.threads else 2
+        out = run_sparse_report(args.out, repeats=args.repeats or 7, threads=threads)
+        print(f"wrote {out}/sparse_results.csv, sparse_results.md")
+        return 0
+
     shapes = None
     if args.shapes:
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
@@ -103,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "one logsumexp per temperature (--shapes NxC, default 4096x49152; --k; "
                        "--threads N, default 2; --dtypes one of fp32,bf16,fp16)")
     bench.add_argument("--k", type=int, default=64, help="--builder: ids per row (default 64)")
+    bench.add_argument("--sparse", action="store_true",
+                       help="the sparse-target rows instead: (N, C, k) = (4096, 49152, 64) and (1024, "
+                            "128256, 128), fp32, against the sparse eager/compiled baselines and the "
+                            "dense op (--threads: one count, default 2)")
     bench.set_defaults(func=_cmd_bench)
     from kdfast.cli_distill import add_commands
 

@@ -117,7 +117,8 @@ def distillation_loss(
 
 
 def check_inplace_memory(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor | None,
+    *, teacher_name: str = "teacher_logits",
 ) -> None:
     """inplace=True writes the gradient over ``student_logits``: refuses a student whose
     elements share memory with each other (expand()), with ``teacher_logits`` or ``target``,
@@ -141,7 +142,7 @@ def check_inplace_memory(
             "elements would be written to the same memory. Pass student_logits.contiguous() or "
             "use inplace=False"
         )
-    for name, other in (("teacher_logits", teacher_logits), ("target", target)):
+    for name, other in ((teacher_name, teacher_logits), ("target", target)):
         if other is not None and _address_ranges_meet(student_logits, other):
             raise ValueError(
                 f"inplace=True writes the gradient over student_logits, but {name} shares memory "

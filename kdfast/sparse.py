@@ -2,9 +2,10 @@
 kdfast.SparseKDLoss.
 
 The teacher is given at k classes per row (e.g. its top-k logits, as a soft-target cache
-stores them) instead of all C. This step computes through the pure-PyTorch reference
-(:mod:`kdfast.reference_sparse`, autograd gives the gradient); the fused CPU/CUDA kernel and
-the sparse soft-target cache come next, with the same API.
+stores them) instead of all C. CPU tensors go through the fused kernel
+(``torch.ops.kdfast.sparse_distill_fwd``, :mod:`kdfast.sparse_ops`); other devices, and builds
+without the compiled module, through the pure-PyTorch reference
+(:mod:`kdfast.reference_sparse`, autograd gives the gradient), with the same results.
 """
 
 from __future__ import annotations
@@ -16,10 +17,22 @@ from torch import nn
 
 from kdfast import reference
 from kdfast._checks import KINDS, REDUCTIONS, check_distillation_args
-from kdfast._sparse_checks import TAILS, SparseTargets, check_sparse_scalars
+from kdfast._ext import HAS_EXTENSION
+from kdfast._sparse_checks import (
+    TAILS,
+    SparseTargets,
+    check_index_values,
+    check_sparse_args,
+    check_sparse_scalars,
+)
+from kdfast.functional import check_inplace_memory
 from kdfast.module import _check_bool, _check_ignore_index, _check_str
 
-__all__ = ["SparseKDLoss", "SparseTargets", "sparse_distillation_loss"]
+if HAS_EXTENSION:
+    from kdfast.ops import is_eager
+    from kdfast.sparse_ops import EagerSparseFunction, InplaceSparseFunction
+
+__all__ = ["SparseKDLoss", "SparseTargets", "sparse_distillation_loss", "sparse_distillation_loss_inplace"]
 
 
 def sparse_distillation_loss(
@@ -93,16 +106,107 @@ def sparse_distillation_loss(
     ``tail="bucket"`` without ``tail_logsumexp``, a teacher tensor requiring grad, unknown
     ``tail``/``kind``, and every check of :func:`kdfast.distillation_loss`.
 
-    This step computes through :func:`kdfast.reference.sparse_distillation_loss` in PyTorch
-    (autograd gives the gradient; double backward works but is not part of the contract);
-    the fused kernel is coming.
+    CPU tensors use the fused kernel: the student row is read once for all its normalizers,
+    the gradient written once, nothing else N x C is allocated (double backward raises).
+    Other devices compute through :func:`kdfast.reference.sparse_distillation_loss`.
+    :func:`sparse_distillation_loss_inplace` writes the gradient into the student's buffer.
     """
-    return reference.sparse_distillation_loss(
-        student_logits, teacher, target, tail=tail, temperature=temperature,
+    return _sparse_loss(
+        student_logits, teacher, target, inplace=False, tail=tail, temperature=temperature,
         teacher_temperature=teacher_temperature, alpha=alpha, kind=kind, beta=beta,
         ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
         scale_by_t2=scale_by_t2,
     )
+
+
+def sparse_distillation_loss_inplace(
+    student_logits: torch.Tensor, teacher: SparseTargets, target: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """:func:`sparse_distillation_loss` (same keyword arguments) that writes the gradient into
+    ``student_logits``' buffer during forward, as ``distillation_loss(..., inplace=True)``
+    does: saves one N x C buffer and destroys the logits' values. float32/bfloat16/float64
+    CPU students, eager mode, the compiled kernels; every row's ids and target are validated
+    before any row is written, and a student sharing memory with a teacher tensor or the
+    target raises ValueError. Backward scales the buffer in place and returns it as the
+    gradient (the fused output layer's contract)."""
+    return _sparse_loss(student_logits, teacher, target, inplace=True, **kwargs)
+
+
+def _sparse_loss(
+    student_logits: torch.Tensor, teacher: SparseTargets, target: torch.Tensor | None, *,
+    inplace: bool, tail: str = "renormalize", temperature: float = 1.0,
+    teacher_temperature: float | None = None, alpha: float = 0.5, kind: str = "kl",
+    beta: float = 0.5, ignore_index: int = -100, label_smoothing: float = 0.0,
+    reduction: str = "mean", scale_by_t2: bool = True,
+) -> torch.Tensor:
+    use_op = HAS_EXTENSION and isinstance(student_logits, torch.Tensor) and student_logits.is_cpu
+    check_sparse_args(
+        student_logits, teacher, target, tail=tail, temperature=temperature,
+        teacher_temperature=teacher_temperature, alpha=alpha, kind=kind, beta=beta,
+        label_smoothing=label_smoothing, reduction=reduction, check_values=not use_op,
+    )
+    if not use_op:
+        if inplace:
+            raise RuntimeError("the in-place sparse loss needs the compiled kdfast._C kernels and CPU "
+                               "tensors")
+        return reference.sparse_distillation_loss(
+            student_logits, teacher, target, tail=tail, temperature=temperature,
+            teacher_temperature=teacher_temperature, alpha=alpha, kind=kind, beta=beta,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+            scale_by_t2=scale_by_t2,
+        )
+    def loss_rows_of_op() -> torch.Tensor:
+        return _sparse_loss_rows(
+            student_logits, teacher, target, tail=tail, temperature=temperature,
+            teacher_temperature=teacher_temperature, alpha=alpha, kind=kind, beta=beta,
+            ignore_index=ignore_index, label_smoothing=label_smoothing,
+            average=reduction in ("mean", "batchmean"), scale_by_t2=scale_by_t2, inplace=inplace,
+        )
+
+    if torch.compiler.is_compiling():
+        loss_rows = loss_rows_of_op()  # fake tensors: no values, no id errors to translate
+    else:
+        try:
+            loss_rows = loss_rows_of_op()
+        except ValueError as exc:
+            if "teacher.indices" in str(exc):
+                # The op names the flattened (N, k) position; the caller's shape may differ.
+                check_index_values(teacher.indices, student_logits.shape[-1])
+            raise
+    if reduction == "none":
+        return loss_rows.reshape(student_logits.shape[:-1])
+    return loss_rows.sum()
+
+
+def _sparse_loss_rows(
+    student_logits: torch.Tensor, teacher: SparseTargets, target: torch.Tensor | None, *,
+    tail: str, temperature: float, teacher_temperature: float | None, alpha: float, kind: str,
+    beta: float, ignore_index: int, label_smoothing: float, average: bool, scale_by_t2: bool,
+    inplace: bool,
+) -> torch.Tensor:
+    """The op's (N,) row losses of the flattened inputs, with the gradient wired to autograd."""
+    n_cols, k = student_logits.shape[-1], teacher.indices.shape[-1]
+    student = student_logits.reshape(-1, n_cols)
+    tail_lse = teacher.tail_logsumexp.reshape(-1) if tail == "bucket" else None
+    t_t = temperature if teacher_temperature is None else teacher_temperature
+    args = (teacher.indices.reshape(-1, k), teacher.logits.reshape(-1, k), tail_lse,
+            None if target is None else target.reshape(-1), float(temperature), float(t_t),
+            float(alpha), kind, float(beta), int(ignore_index), float(label_smoothing),
+            bool(scale_by_t2))
+    if inplace:
+        for name, other in (("teacher.indices", teacher.indices), ("teacher.logits", teacher.logits),
+                            ("teacher.tail_logsumexp", teacher.tail_logsumexp)):
+            check_inplace_memory(student_logits, other, None, teacher_name=name)
+        check_inplace_memory(student_logits, None, target)
+        if student.stride(-1) != 1 and n_cols > 1:
+            student = student.contiguous()
+        return InplaceSparseFunction.apply(student, *args, average)
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    if compute_grad and is_eager(student):
+        return EagerSparseFunction.apply(student, *args, average)
+    loss_rows, _ = torch.ops.kdfast.sparse_distill_fwd(student, *args, compute_grad, average)
+    return loss_rows
 
 
 def check_sparse_kdloss_args(

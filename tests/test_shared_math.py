@@ -1,4 +1,5 @@
-"""One row algorithm: every per-row formula lives in csrc/include/kdfast/kd_math.h.
+"""One row algorithm: every per-row formula lives in csrc/include/kdfast/kd_math.h (and, for
+the sparse op, csrc/include/kdfast/sparse_math.h, built on it).
 
 The backends (the CPU row loops, the CPU lane loops, the CUDA row code) own only their loops,
 stashes and reductions. This test reads their sources and fails if one of them computes a
@@ -16,23 +17,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ["csrc/cpu/rows.h", "csrc/cpu/lanes.h", "csrc/cuda/distill_rows.cuh"]
+BACKENDS = ["csrc/cpu/rows.h", "csrc/cpu/lanes.h", "csrc/cuda/distill_rows.cuh", "csrc/cpu/sparse_rows.h"]
 SHARED = ROOT / "csrc" / "include" / "kdfast" / "kd_math.h"
 # The sparse-cache builder's rows: their math is kdfast/topk_math.h's (ranks, tail terms).
 BACKENDS += ["csrc/cpu/topk_rows.h", "csrc/cuda/topk_rows.cuh", "csrc/cuda/topk_targets.cu"]
 TOPK_SHARED = ROOT / "csrc" / "include" / "kdfast" / "topk_math.h"
+SPARSE_SHARED = ROOT / "csrc" / "include" / "kdfast" / "sparse_math.h"
 
 # Calls only kd_math.h's step functions may make.
 INNER_HELPERS = [
     "exp_nonpos", "kd_log", "log_mixture", "log1p_unit", "weighted", "soft_grad_kl",
     "soft_grad_mode_seeking", "hard_grad", "log_ratio_pq",
     "to_acc_float", "exp", "expf", "log", "logf", "log1p", "log1pf", "__expf", "__logf",
+    # kd_math.h's and sparse_math.h's inner helpers of the sparse rows
+    "log_add_exp", "hard_loss_from_lse", "hard_grad_combine", "hard_grad_from_prob", "part_lse",
+    "make_bin", "hard_prob",
 ]
+SPARSE_INNER_HELPERS = INNER_HELPERS[-7:]
 # topk_math.h's inner helper: the backends read values back through rank_value.
 TOPK_INNER_HELPERS = ["key_value"]
 INNER_HELPERS += TOPK_INNER_HELPERS
 # Normalizer fields: arithmetic on them is a formula (passing a RowNorm along is not).
-NORMALIZER_FIELDS = ["inv_za", "inv_zb", "inv_zs", "lse_a", "lse_b", "lse_s", "lse_gap"]
+NORMALIZER_FIELDS = ["inv_za", "inv_zb", "inv_zs", "lse_a", "lse_b", "lse_s", "lse_gap",
+                     "lse_rest", "log_q_rest", "q_rest"]
 
 
 def code_of(text: str) -> str:
@@ -72,6 +79,9 @@ def test_the_helpers_exist_in_the_shared_header():
     # The lists above name real kd_math.h functions (a rename must update this test).
     shared = SHARED.read_text()
     for name in INNER_HELPERS[:9]:
+        assert re.search(rf"\b{name}\s*\(", shared), name
+    shared += SPARSE_SHARED.read_text()
+    for name in SPARSE_INNER_HELPERS:
         assert re.search(rf"\b{name}\s*\(", shared), name
     for field in NORMALIZER_FIELDS:
         assert re.search(rf"\b{field}\b", shared), field

@@ -5,3 +5,4 @@
 #endif
 #define KDFAST_ISA avx2
 #include "../rows.h"
+#include "../sparse_rows.h"

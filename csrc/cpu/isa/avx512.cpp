@@ -4,3 +4,4 @@
 #endif
 #define KDFAST_ISA avx512
 #include "../rows.h"
+#include "../sparse_rows.h"

@@ -51,6 +51,33 @@ inline int64_t scratch_elems(int64_t n_cols, int64_t lanes_max_cols) {
   return 5 * n_cols + (kPartStatsElems + kScalesElems) * row_chunks(n_cols);
 }
 
+// The sparse op's rows (csrc/cpu/sparse_rows.h). Each row's valid teacher ids come sorted,
+// packed as (id << 32) | slot (sparse_key), from the op's validation pass, which also
+// rejected ids out of range and duplicates: the rows trust them.
+struct SparseRowsArgs {
+  const void* student;           // (N, C), unit stride along C
+  int64_t student_row_stride;    // in elements
+  const int64_t* keys;           // (N, k): row i's n_valid[i] valid ids, sorted, then unused
+  const int32_t* n_valid;        // (N,)
+  int64_t k;
+  const void* teacher_logits;    // (N, k) contiguous, of the accumulation type (slot-indexed)
+  const void* tail;              // (N,) of the accumulation type, or nullptr (P_R = 0)
+  const int64_t* target;         // (N,) or nullptr when params.has_target == 0
+  int64_t target_stride;
+  void* loss_rows;               // (N,) of the accumulation type
+  void* grad;                    // (N, C) or nullptr; dtype grad_storage_t of the student's
+  int64_t grad_row_stride;
+  int64_t n_rows, n_cols;
+  int32_t student_dtype;         // DT_F64 means float64 accumulation (the op widens the rest)
+  math::Params params;
+  double inv_teacher_temperature;
+};
+constexpr int64_t sparse_key(int64_t id, int64_t slot) { return (id << 32) | slot; }
+constexpr int64_t sparse_key_id(int64_t key) { return key >> 32; }
+constexpr int64_t sparse_key_slot(int64_t key) { return key & 0xffffffffLL; }
+// Elements of scratch (of the accumulation type) one thread needs for the sparse rows.
+inline int64_t sparse_scratch_elems(int64_t k) { return kRowChunk + 3 * k; }
+
 // Processes rows [begin, end). Returns -1 on success, the index of the first row whose target
 // is outside [0, C) and not ignore_index, or -2 for an unsupported dtype pair (float64 must be
 // paired with float64).
@@ -60,6 +87,7 @@ inline int64_t scratch_elems(int64_t n_cols, int64_t lanes_max_cols) {
   namespace ns {                                                                               \
   int64_t run_rows(const RowsArgs& args, int64_t begin, int64_t end, void* scratch);          \
   float exp_probe(float* buf, int64_t n, int64_t reps);                                        \
+  int64_t run_sparse_rows(const SparseRowsArgs& args, int64_t begin, int64_t end, void* scratch); \
   }
 KDFAST_DECLARE_ISA(baseline)
 KDFAST_DECLARE_ISA(avx2)

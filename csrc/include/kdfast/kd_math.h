@@ -217,24 +217,32 @@ template <class A> KD_HD A weighted(A weight, A value) { return weight == A(0) ?
 
 // log(beta*p + (1-beta)*q) from log p and log q without leaving log space, so rows whose p or
 // q underflow keep a finite log-mixture (the JSD NaN trap).
+// log(exp(x) + exp(y)) (-inf when both are -inf).
 template <class A>
-KD_HD A log_mixture(A log_p, A log_q, A log_beta, A log1m_beta) {
-  const A x = log_p + log_beta;
-  const A y = log_q + log1m_beta;
+KD_HD A log_add_exp(A x, A y) {
   // Written so a NaN in either argument reaches the result (a plain min would drop a NaN x).
   const A hi = x > y ? x : y;
   const A lo = x > y ? y : x;
   const A tail = log1p_unit(exp_nonpos(lo - hi));
   return lo == neg_inf<A>() ? hi : hi + tail;
 }
+template <class A>
+KD_HD A log_mixture(A log_p, A log_q, A log_beta, A log1m_beta) {
+  return log_add_exp(log_p + log_beta, log_q + log1m_beta);
+}
 
 // Hard cross-entropy of softmax(s) against label y with smoothing eps:
 // (1-eps) * (lse_s - s_y) + eps * (lse_s - mean(s)).
+// From lse_s = log sum_j exp(s_j) (the sparse rows have it without a RowNorm).
+template <class A>
+KD_HD A hard_loss_from_lse(A s_y, A sum_s, int64_t n_cols, A eps, A lse_s) {
+  const A nll = lse_s - s_y;
+  if (eps == A(0)) return nll;
+  return (A(1) - eps) * nll + eps * (lse_s - sum_s / A(n_cols));
+}
 template <class A>
 KD_HD A hard_loss(A s_y, A sum_s, int64_t n_cols, A eps, RowNorm<A> n) {
-  const A nll = n.lse_s - s_y;
-  if (eps == A(0)) return nll;
-  return (A(1) - eps) * nll + eps * (n.lse_s - sum_s / A(n_cols));
+  return hard_loss_from_lse(s_y, sum_s, n_cols, eps, n.lse_s);
 }
 
 // d(hard)/ds_k without the one-hot part, which the kernel subtracts at the label:
@@ -491,9 +499,15 @@ template <class A> KD_HD GradCoefs<A> grad_coefs(const Params& p, int64_t n_cols
 }
 // The hard part: hard_g (r_k - eps/C), and at the label minus the one-hot (1 - eps) (taken
 // from r_y - eps/C first: no cancellation against the soft part when r_y is near 1).
-template <class A> KD_HD A hard_grad_part(A e_s, RowNorm<A> n, GradCoefs<A> g, bool at_label) {
-  const A h = hard_grad(e_s, g.eps_over_c, n);
+template <class A> KD_HD A hard_grad_combine(A h, GradCoefs<A> g, bool at_label) {
   return g.hard_g * (at_label ? h - g.one_m_eps : h);
+}
+template <class A> KD_HD A hard_grad_part(A e_s, RowNorm<A> n, GradCoefs<A> g, bool at_label) {
+  return hard_grad_combine(hard_grad(e_s, g.eps_over_c, n), g, at_label);
+}
+// The same from r_k = softmax(s)_k itself (the sparse rows compute it from lse_s).
+template <class A> KD_HD A hard_grad_from_prob(A r, GradCoefs<A> g, bool at_label) {
+  return hard_grad_combine(r - g.eps_over_c, g, at_label);
 }
 // kl: soft_g (q_k - p_k) + the hard part.
 template <class A>

@@ -20,7 +20,7 @@ struct TopkArgs {
   int64_t* indices;             // (N, k) contiguous
   float* values;                // (N, k) contiguous
   float* tails;                 // (N, n_temps) contiguous
-  // When set, pass 2 of row i prefetches row i + 1 into L2 while its exps run (NOTES.md 17).
+  // When set, pass 2 of row i prefetches row i + 1 into L2 while its exps run (NOTES.md 18).
   int32_t prefetch_next_row;
 };
 
