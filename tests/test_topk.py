@@ -266,3 +266,11 @@ def test_op_refuses_nan_and_posinf_anywhere(dtype, bad, position):
 def test_op_bad_arguments_are_named(args, match):
     with pytest.raises(ValueError, match=match):
         torch.ops.kdfast.topk_targets(*args)
+
+
+def test_builder_bench_row(tmp_path):
+    from kdfast.bench.builder import run_builder_bench
+
+    result = run_builder_bench((8, 300), k=5, threads=1, repeats=3, out_dir=tmp_path)
+    assert result["kdfast"]["median_ms"] > 0 and result["torch"]["median_ms"] > 0
+    assert "| 8 | 300 | 5 |" in (tmp_path / "builder.md").read_text()
