@@ -51,9 +51,9 @@ print(json.dumps(out))
 """
 
 
-def run_build(path: str, threads: int) -> dict[str, float]:
+def run_build(path: str, threads: int, cases: list) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(path), OMP_WAIT_POLICY="PASSIVE")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(threads), json.dumps(CASES)], env=env,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(threads), json.dumps(cases)], env=env,
                          capture_output=True, text=True, check=True, cwd="/")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -64,12 +64,21 @@ def main() -> None:
     parser.add_argument("new", help="folder holding the new build's kdfast package")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=9, help="alternations of the two builds")
+    parser.add_argument("--cases", default=None,
+                        help="comma list of kind:dtype:NxC to time (default: all of CASES)")
     args = parser.parse_args()
+    cases = CASES
+    if args.cases:
+        wanted = {tuple(c.split(":")) for c in args.cases.split(",")}
+        cases = [c for c in CASES if (c[0], c[1], f"{c[2]}x{c[3]}") in wanted]
+        if len(cases) != len(wanted):
+            parser.error(f"--cases: unknown case in {args.cases!r}; known: "
+                         + ", ".join(f"{k}:{d}:{n}x{c}" for k, d, n, c in CASES))
     times: dict[str, dict[str, list[float]]] = {"base": {}, "new": {}}
     for rep in range(args.reps):
         order = [("base", args.base), ("new", args.new)]
         for name, path in order if rep % 2 == 0 else order[::-1]:
-            for case, ms in run_build(path, args.threads).items():
+            for case, ms in run_build(path, args.threads, cases).items():
                 times[name].setdefault(case, []).append(ms)
     print(f"{'case':34s} {'base ms':>8s} {'new ms':>8s} {'new/base':>8s}  spreads")
     for case, base in times["base"].items():

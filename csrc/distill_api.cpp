@@ -31,8 +31,10 @@ using LinearDistillFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
     const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, double, double, c10::string_view, double, int64_t, double,
-    bool, int64_t, bool, const c10::optional<at::Tensor>&);
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, double, double,
+    c10::string_view, double, int64_t, double, bool, int64_t, bool,
+    const c10::optional<at::Tensor>&);
 
 const c10::TypedOperatorHandle<LinearDistillFwdSig>& linear_distill_fwd_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -140,7 +142,8 @@ LinearDistillResult linear_distillation_loss(const at::Tensor& student_hidden,
   auto [loss_rows, d_hidden, d_weight, d_bias] = linear_distill_fwd_op().call(
       hidden, student_weight.detach(), maybe(student_bias.value_or(at::Tensor())), flat_target,
       rows_of(teacher.logits), rows_of(teacher.hidden), maybe(teacher.weight),
-      maybe(teacher.bias), options.temperature, options.alpha, options.kind, options.beta,
+      maybe(teacher.bias), c10::nullopt, c10::nullopt, c10::nullopt, options.temperature,
+      options.temperature, options.alpha, options.kind, options.beta,
       options.ignore_index, options.label_smoothing, options.scale_by_t2, chunk_rows,
       /*compute_grad=*/true, scale.defined() ? c10::optional<at::Tensor>(scale) : c10::nullopt);
 

@@ -27,6 +27,27 @@ using DistillFwdSig = std::tuple<at::Tensor, at::Tensor>(
 using DistillInplaceSig = at::Tensor(at::Tensor&, const at::Tensor&, const Opt&, double, double,
                                      c10::string_view, double, int64_t, double, bool, bool);
 
+using SparseFwdSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, double,
+    double, double, c10::string_view, double, int64_t, double, bool, bool, bool);
+using SparseInplaceSig = at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const Opt&, const Opt&, double, double, double,
+                                    c10::string_view, double, int64_t, double, bool, bool);
+
+const c10::TypedOperatorHandle<SparseFwdSig>& sparse_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdfast::sparse_distill_fwd", "")
+                             .typed<SparseFwdSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<SparseInplaceSig>& sparse_inplace_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdfast::sparse_distill_fwd_inplace", "")
+                             .typed<SparseInplaceSig>();
+  return op;
+}
+
 const c10::TypedOperatorHandle<DistillFwdSig>& distill_fwd_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("kdfast::distill_fwd", "")
@@ -75,19 +96,83 @@ void check_layer(const char* x_name, const at::Tensor& x, const char* w_name,
   }
 }
 
-struct Teacher {
-  Opt logits, hidden, weight, bias;
+// The loss options every chunk's row kernel gets.
+struct LossArgs {
+  double temperature, teacher_temperature, alpha;
+  c10::string_view kind;
+  double beta;
+  int64_t ignore_index;
+  double label_smoothing;
+  bool scale_by_t2;
+};
 
-  at::Tensor chunk(int64_t start, int64_t rows) const {
+struct Teacher {
+  Opt logits, hidden, weight, bias;  // dense: logits, or hidden + weight (+ bias)
+  Opt ids, sparse_logits, tail_lse;  // sparse: ids + their logits (+ the tail's logsumexp)
+
+  bool sparse() const { return given(ids); }
+
+  bool has_float64() const {
+    for (const Opt* t : {&logits, &sparse_logits, &tail_lse}) {
+      if (given(*t) && (*t)->scalar_type() == at::kDouble) return true;
+    }
+    return false;
+  }
+
+  at::Tensor dense_chunk(int64_t start, int64_t rows) const {
     if (given(logits)) return logits->narrow(0, start, rows);
     return layer_logits(hidden->narrow(0, start, rows), *weight, bias);
+  }
+
+  Opt rows_of(const Opt& t, int64_t start, int64_t rows) const {
+    return given(t) ? Opt(t->narrow(0, start, rows)) : Opt();
+  }
+
+  // The chunk's row losses; with `in_place` its logits become their gradient (returned as
+  // the second value), else the gradient is a fresh buffer (undefined without compute_grad).
+  std::tuple<at::Tensor, at::Tensor> run(at::Tensor& logits, int64_t start, const Opt& y,
+                                         const LossArgs& a, bool compute_grad,
+                                         bool in_place) const {
+    const int64_t rows = logits.size(0);
+    if (sparse()) {
+      const at::Tensor i = ids->narrow(0, start, rows), z = sparse_logits->narrow(0, start, rows);
+      const Opt tail = rows_of(tail_lse, start, rows);
+      if (in_place) {
+        return {sparse_inplace_op().call(logits, i, z, tail, y, a.temperature,
+                                         a.teacher_temperature, a.alpha, a.kind, a.beta,
+                                         a.ignore_index, a.label_smoothing, a.scale_by_t2, false),
+                logits};
+      }
+      return sparse_fwd_op().call(logits, i, z, tail, y, a.temperature, a.teacher_temperature,
+                                  a.alpha, a.kind, a.beta, a.ignore_index, a.label_smoothing,
+                                  a.scale_by_t2, compute_grad, false);
+    }
+    const at::Tensor t = dense_chunk(start, rows);
+    if (in_place) {
+      return {distill_inplace_op().call(logits, t, y, a.temperature, a.alpha, a.kind, a.beta,
+                                        a.ignore_index, a.label_smoothing, a.scale_by_t2, false),
+              logits};
+    }
+    return distill_fwd_op().call(logits, t, y, a.temperature, a.alpha, a.kind, a.beta,
+                                 a.ignore_index, a.label_smoothing, a.scale_by_t2, compute_grad,
+                                 false);
   }
 };
 
 void check_teacher(const Teacher& t, int64_t n_rows, int64_t n_cols) {
-  TORCH_CHECK_VALUE(given(t.logits) != given(t.hidden),
-                    "exactly one teacher form: teacher_logits, or teacher_hidden with "
-                    "teacher_weight (got ", given(t.logits) ? "both" : "neither", ")");
+  const int forms = given(t.logits) + given(t.hidden) + given(t.ids);
+  TORCH_CHECK_VALUE(forms == 1,
+                    "exactly one teacher form: teacher_logits, teacher_hidden with "
+                    "teacher_weight, or teacher_ids with teacher_sparse_logits (got ", forms, ")");
+  if (t.sparse()) {
+    TORCH_CHECK_VALUE(given(t.sparse_logits) && t.ids->dim() == 2 && t.ids->size(0) == n_rows &&
+                          t.sparse_logits->sizes() == t.ids->sizes(),
+                      "teacher_ids and teacher_sparse_logits must both be (N, k) with N = ",
+                      n_rows);
+    TORCH_CHECK_VALUE(!given(t.tail_lse) || (t.tail_lse->dim() == 1 && t.tail_lse->size(0) == n_rows),
+                      "tail_logsumexp must be (N,) with N = ", n_rows);
+    return;
+  }
   if (given(t.logits)) {
     TORCH_CHECK_VALUE(t.logits->dim() == 2 && t.logits->size(0) == n_rows &&
                           t.logits->size(1) == n_cols,
@@ -152,12 +237,16 @@ void add_chunk_grads(LayerGrads& acc, const at::Tensor& g, const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const Opt& bias, const Opt& target,
     const Opt& teacher_logits, const Opt& teacher_hidden, const Opt& teacher_weight,
-    const Opt& teacher_bias, double temperature, double alpha, c10::string_view kind, double beta,
-    int64_t ignore_index, double label_smoothing, bool scale_by_t2, int64_t chunk_rows,
-    bool compute_grad, const Opt& row_scale) {
+    const Opt& teacher_bias, const Opt& teacher_ids, const Opt& teacher_sparse_logits,
+    const Opt& tail_logsumexp, double temperature, double teacher_temperature, double alpha,
+    c10::string_view kind, double beta, int64_t ignore_index, double label_smoothing,
+    bool scale_by_t2, int64_t chunk_rows, bool compute_grad, const Opt& row_scale) {
   check_layer("student_hidden", hidden, "student_weight", weight, "student_bias", bias);
   const int64_t n_rows = hidden.size(0), n_cols = weight.size(0);
-  const Teacher teacher{teacher_logits, teacher_hidden, teacher_weight, teacher_bias};
+  const Teacher teacher{teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                        teacher_ids, teacher_sparse_logits, tail_logsumexp};
+  const LossArgs loss_args{temperature, teacher_temperature, alpha, kind, beta, ignore_index,
+                           label_smoothing, scale_by_t2};
   check_teacher(teacher, n_rows, n_cols);
   TORCH_CHECK_VALUE(chunk_rows >= 0, "chunk_rows must be >= 1 (or 0 for the default), got ",
                     chunk_rows);
@@ -168,8 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
                       row_scale->sizes());
   }
   const at::ScalarType dtype = hidden.scalar_type();
-  const bool wide = dtype == at::kDouble || (given(teacher_logits) &&
-                                             teacher_logits->scalar_type() == at::kDouble);
+  const bool wide = dtype == at::kDouble || teacher.has_float64();
   // The gradient overwrites the chunk's logits, unless their dtype cannot hold it (float16:
   // see grad_dtype in op_common.h; a float64 teacher widens the gradient to float64).
   const bool in_place = compute_grad && dtype != at::kHalf && (dtype == at::kDouble || !wide);
@@ -191,18 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
     const int64_t len = std::min(rows, n_rows - start);
     const at::Tensor x = hidden.narrow(0, start, len);
     at::Tensor logits = layer_logits(x, weight, bias);
-    const at::Tensor t = teacher.chunk(start, len);
     const Opt y = given(target) ? Opt(target->narrow(0, start, len)) : Opt();
-    at::Tensor loss, g;
-    if (!in_place) {
-      std::tie(loss, g) = distill_fwd_op().call(logits, t, y, temperature, alpha, kind, beta,
-                                                ignore_index, label_smoothing, scale_by_t2,
-                                                compute_grad, false);
-    } else {
-      loss = distill_inplace_op().call(logits, t, y, temperature, alpha, kind, beta, ignore_index,
-                                       label_smoothing, scale_by_t2, false);
-      g = logits;
-    }
+    auto [loss, g] = teacher.run(logits, start, y, loss_args, compute_grad, in_place);
     loss_rows.narrow(0, start, len).copy_(loss);
     if (!compute_grad) continue;
     if (per_row_scale) g.mul_(row_scale->narrow(0, start, len).unsqueeze(1));

@@ -50,12 +50,15 @@ TORCH_LIBRARY(kdfast, m) {
   // The student's output layer fused with the loss (csrc/linear_distill.cpp): loss rows (N,)
   // of distill_fwd(student_hidden @ student_weight.T + student_bias, teacher, ...) and, with
   // compute_grad, the gradients of hidden (N, H), weight (C, H) and bias (C,) (empty without
-  // bias), computed chunk by chunk without the N x C logits. row_scale: one value or (N,),
+  // bias), computed chunk by chunk without the N x C logits. The teacher: dense logits,
+  // hidden states + output layer, or sparse (ids, their logits, tail logsumexp: see
+  // sparse_distill_fwd; teacher_temperature applies to it only). row_scale: one value or (N,),
   // multiplies each row's gradient (the reduction and grad_output). See kdfast/linear.py.
   m.def(
       "linear_distill_fwd(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
       "Tensor? target, Tensor? teacher_logits, Tensor? teacher_hidden, Tensor? teacher_weight, "
-      "Tensor? teacher_bias, float temperature, float alpha, str kind, float beta, "
-      "int ignore_index, float label_smoothing, bool scale_by_t2, int chunk_rows, "
-      "bool compute_grad, Tensor? row_scale) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? teacher_bias, Tensor? teacher_ids, Tensor? teacher_sparse_logits, "
+      "Tensor? tail_logsumexp, float temperature, float teacher_temperature, float alpha, "
+      "str kind, float beta, int ignore_index, float label_smoothing, bool scale_by_t2, "
+      "int chunk_rows, bool compute_grad, Tensor? row_scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -19,21 +19,26 @@ from torch import nn
 from kdfast import reference
 from kdfast._checks import KINDS, REDUCTIONS, check_distillation_args, reduce_rows
 from kdfast._ext import HAS_EXTENSION
-from kdfast._sparse_checks import SparseTargets
+from kdfast._sparse_checks import SparseTargets, check_sparse_args
 from kdfast.module import _check_bool, _check_ignore_index, _check_str
 from kdfast.ops import once_differentiable_output
+from kdfast.sparse import sparse_distillation_loss
 
 __all__ = ["LinearKDLoss", "linear_distillation_loss"]
 
 
 class _Teacher(NamedTuple):
-    """The dense teacher forms, flattened to rows: logits (N, C), or hidden (N, H_t) with
-    weight (C, H_t) and bias (C,) or None."""
+    """The teacher forms, flattened to rows (the op's teacher arguments, in its order): dense
+    logits (N, C); or hidden (N, H_t) with weight (C, H_t) and bias (C,) or None; or sparse
+    ids (N, k) with their logits (N, k) and the tail's logsumexp (N,) or None."""
 
-    logits: torch.Tensor | None
-    hidden: torch.Tensor | None
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    sparse_logits: torch.Tensor | None = None
+    tail_logsumexp: torch.Tensor | None = None
 
 
 def linear_distillation_loss(
@@ -75,10 +80,12 @@ def linear_distillation_loss(
             work: the gradient is accumulated into the shared parameter by autograd).
         target: (...) class indices or ``ignore_index``, or None.
         student_bias: (C,) or None.
-        teacher_sparse, tail, teacher_temperature: the sparse teacher form (coming with the
-            fused sparse kernel): passing ``teacher_sparse`` raises NotImplementedError for
-            now; ``teacher_temperature`` must be None or equal ``temperature`` for dense
-            teachers.
+        teacher_sparse: the sparse teacher form, a :class:`kdfast.SparseTargets` ((..., k)
+            ids and logits, (...) tail logsumexp): the loss then equals
+            :func:`kdfast.sparse_distillation_loss` of the materialized logits, with ``tail``
+            and ``teacher_temperature`` as there (CPU tensors: the fused sparse kernel is
+            CPU-only for now). For the dense forms ``teacher_temperature`` must be None or
+            equal ``temperature``, and ``tail`` is unused.
         chunk_rows: rows per chunk; None picks as many as keep a chunk's logit buffers (the
             student's, the teacher's when computed, a float32 gradient for float16) within
             64 MiB, all rows when they fit.
@@ -92,16 +99,19 @@ def linear_distillation_loss(
     ``torch.autocast`` the layers run in the autocast dtype, as ``F.linear`` would.
     Once-differentiable.
     """
-    teacher = _dense_teacher(teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                             teacher_sparse, tail, temperature, teacher_temperature)
-    _check_args(student_hidden, student_weight, student_bias, target, teacher,
-                temperature=temperature, alpha=alpha, kind=kind, beta=beta,
-                label_smoothing=label_smoothing, reduction=reduction, chunk_rows=chunk_rows)
-    op_args = (float(temperature), float(alpha), kind, float(beta), int(ignore_index),
-               float(label_smoothing), bool(scale_by_t2))
-    if not HAS_EXTENSION:
-        return _unfused(student_hidden, student_weight, student_bias, target, teacher, op_args,
-                        reduction)
+    teacher = _teacher(teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                       teacher_sparse, tail, temperature, teacher_temperature)
+    scalars = {"temperature": temperature, "alpha": alpha, "kind": kind, "beta": beta,
+               "label_smoothing": label_smoothing, "reduction": reduction}
+    _check_args(student_hidden, student_weight, student_bias, target, teacher, teacher_sparse,
+                tail=tail, teacher_temperature=teacher_temperature, chunk_rows=chunk_rows,
+                **scalars)
+    t_t = temperature if teacher_temperature is None else teacher_temperature
+    op_args = (float(temperature), float(t_t), float(alpha), kind, float(beta),
+               int(ignore_index), float(label_smoothing), bool(scale_by_t2))
+    if not HAS_EXTENSION or (teacher_sparse is not None and not student_hidden.is_cpu):
+        return _unfused(student_hidden, student_weight, student_bias, target, teacher_sparse,
+                        teacher, op_args, reduction, tail)
     hidden, weight, bias, teacher = _autocast_inputs(student_hidden, student_weight, student_bias,
                                                      teacher)
     batch_shape = student_hidden.shape[:-1]
@@ -114,12 +124,12 @@ def linear_distillation_loss(
             loss = _LinearDistillFunction.apply(*flat, op_args, reduction, chunk_rows or 0)
         else:  # no gradient matmul at all
             loss_rows, *_ = _run_op(*flat, op_args, chunk_rows or 0, False, None)
-            counted = None if target is None else flat[3] != ignore_index
-            loss = reduce_rows(loss_rows, counted, reduction, loss_rows.shape)
+            loss = reduce_rows(loss_rows, _counted_mask(flat[3], flat[4].ids, ignore_index),
+                               reduction, loss_rows.shape)
     return loss.reshape(batch_shape) if reduction == "none" else loss
 
 
-def _dense_teacher(logits, hidden, weight, bias, sparse, tail, temperature, teacher_temperature):
+def _teacher(logits, hidden, weight, bias, sparse, tail, temperature, teacher_temperature):
     forms = [name for name, t in (("teacher_logits", logits), ("teacher_hidden", hidden),
                                   ("teacher_sparse", sparse)) if t is not None]
     if len(forms) != 1:
@@ -127,24 +137,26 @@ def _dense_teacher(logits, hidden, weight, bias, sparse, tail, temperature, teac
             "exactly one teacher form is expected: teacher_logits, teacher_hidden (with "
             f"teacher_weight) or teacher_sparse; got {forms or 'none'}"
         )
-    if sparse is not None:
-        raise NotImplementedError(
-            "teacher_sparse: the fused sparse kernel is not in this build yet; pass dense "
-            "teacher_logits, or use kdfast.sparse_distillation_loss on materialized logits"
-        )
     if (weight is None) != (hidden is None) or (bias is not None and hidden is None):
         raise ValueError("teacher_weight (and teacher_bias) go with teacher_hidden, and "
                          "teacher_hidden needs teacher_weight (C, H_t)")
+    _check_str("tail", tail, ("renormalize", "bucket"))
+    if sparse is not None:
+        if not isinstance(sparse, SparseTargets):
+            raise TypeError("teacher_sparse must be a kdfast.SparseTargets(indices, logits, "
+                            f"tail_logsumexp), got {type(sparse).__name__}")
+        tail_lse = sparse.tail_logsumexp if tail == "bucket" else None
+        return _Teacher(ids=sparse.indices, sparse_logits=sparse.logits, tail_logsumexp=tail_lse)
     if teacher_temperature is not None and teacher_temperature != temperature:
         raise ValueError(
             f"teacher_temperature={teacher_temperature} differs from temperature={temperature}: "
             "a separate teacher temperature exists only for teacher_sparse"
         )
-    _check_str("tail", tail, ("renormalize", "bucket"))
     return _Teacher(logits, hidden, weight, bias)
 
 
-def _check_args(hidden, weight, bias, target, teacher, *, reduction, chunk_rows, **scalars):
+def _check_args(hidden, weight, bias, target, teacher: _Teacher, sparse, *, reduction, chunk_rows,
+                tail, teacher_temperature, **scalars):
     for name, t in (("student_hidden", hidden), ("student_weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -161,10 +173,15 @@ def _check_args(hidden, weight, bias, target, teacher, *, reduction, chunk_rows,
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be an int >= 1 or None, got {chunk_rows!r}")
-    # The logits' checks (dtypes, target, teacher_logits' shape and grad, every scalar) on
+    # The logits' checks (dtypes, target, the teacher's shapes and grad, every scalar) on
     # zero-byte stand-ins of the right shape, dtype and device.
-    logits_shape = (*hidden.shape[:-1], weight.shape[0])
-    student_probe = hidden.new_zeros(()).expand(logits_shape)
+    student_probe = hidden.new_zeros(()).expand((*hidden.shape[:-1], weight.shape[0]))
+    if sparse is not None:
+        # The op validates the ids' values (range, duplicates) before writing anything.
+        check_sparse_args(student_probe, sparse, target, tail=tail,
+                          teacher_temperature=teacher_temperature, check_values=False,
+                          reduction=reduction, **scalars)
+        return
     teacher_probe = teacher.logits
     if teacher_probe is None:
         teacher_probe = teacher.hidden.new_zeros(()).expand((*teacher.hidden.shape[:-1],
@@ -183,33 +200,47 @@ def _autocast_inputs(hidden, weight, bias, teacher: _Teacher):
     def cast(t):
         return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float64) else t
 
-    layer = _Teacher(teacher.logits, cast(teacher.hidden), cast(teacher.weight),
-                     cast(teacher.bias))
+    layer = teacher._replace(hidden=cast(teacher.hidden), weight=cast(teacher.weight),
+                             bias=cast(teacher.bias))
     return cast(hidden), cast(weight), cast(bias), layer
 
 
 def _flat_teacher(teacher: _Teacher) -> _Teacher:
-    logits = teacher.logits
-    hidden = teacher.hidden
-    return _Teacher(
-        None if logits is None else logits.reshape(-1, logits.shape[-1]),
-        None if hidden is None else hidden.reshape(-1, hidden.shape[-1]),
-        teacher.weight, teacher.bias,
-    )
+    """Every row-indexed teacher tensor flattened to (N, ...) rows."""
+    def rows(t, keep_last=True):
+        if t is None:
+            return None
+        return t.reshape(-1, t.shape[-1]) if keep_last else t.reshape(-1)
+
+    return teacher._replace(logits=rows(teacher.logits), hidden=rows(teacher.hidden),
+                            ids=rows(teacher.ids), sparse_logits=rows(teacher.sparse_logits),
+                            tail_logsumexp=rows(teacher.tail_logsumexp, keep_last=False))
 
 
-def _unfused(hidden, weight, bias, target, teacher: _Teacher, op_args, reduction):
-    """Without the compiled module: the plain composition (materializes the logits)."""
-    temperature, alpha, kind, beta, ignore_index, label_smoothing, scale_by_t2 = op_args
+def _unfused(hidden, weight, bias, target, sparse, teacher: _Teacher, op_args, reduction, tail):
+    """Without the compiled module (or a sparse teacher off the CPU): the plain composition,
+    which materializes the logits."""
+    temperature, t_t, alpha, kind, beta, ignore_index, label_smoothing, scale_by_t2 = op_args
+    common = {"temperature": temperature, "alpha": alpha, "kind": kind, "beta": beta,
+              "ignore_index": ignore_index, "label_smoothing": label_smoothing,
+              "reduction": reduction, "scale_by_t2": scale_by_t2}
+    logits = F.linear(hidden, weight, bias)
+    if sparse is not None:
+        return sparse_distillation_loss(logits, sparse, target, tail=tail, teacher_temperature=t_t,
+                                        **common)
     t = teacher.logits
     if t is None:
         with torch.no_grad():
             t = F.linear(teacher.hidden, teacher.weight, teacher.bias)
-    return reference.distillation_loss(
-        F.linear(hidden, weight, bias), t, target, temperature=temperature, alpha=alpha,
-        kind=kind, beta=beta, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction=reduction, scale_by_t2=scale_by_t2,
-    )
+    return reference.distillation_loss(logits, t, target, **common)
+
+
+def _counted_mask(target, ids, ignore_index):
+    """The rows that count in the mean: target != ignore_index; without target every row, or
+    for a sparse teacher the rows with at least one valid id (None = all)."""
+    if target is not None:
+        return target != ignore_index
+    return None if ids is None else (ids >= 0).any(-1)
 
 
 def _wide(hidden: torch.Tensor) -> torch.Tensor:
@@ -217,19 +248,18 @@ def _wide(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
 
-def _counted_rows(target, ignore_index, n_rows, like):
-    """The mean's divisor as a one-element tensor (no host sync): rows whose target is not
-    ignore_index, all rows without target; at least 1."""
-    if target is None:
+def _counted_rows(target, ids, ignore_index, n_rows, like):
+    """The mean's divisor as a one-element tensor (no host sync), at least 1."""
+    mask = _counted_mask(target, ids, ignore_index)
+    if mask is None:
         return torch.full((1,), max(n_rows, 1), dtype=like.dtype, device=like.device)
-    return (target != ignore_index).sum().clamp(min=1).to(like.dtype).reshape(1)
+    return mask.sum().clamp(min=1).to(like.dtype).reshape(1)
 
 
 def _run_op(hidden, weight, bias, target, teacher: _Teacher, op_args, chunk_rows, compute_grad,
             row_scale):
     return torch.ops.kdfast.linear_distill_fwd(
-        hidden, weight, bias, target, teacher.logits, teacher.hidden, teacher.weight,
-        teacher.bias, *op_args, chunk_rows, compute_grad, row_scale,
+        hidden, weight, bias, target, *teacher, *op_args, chunk_rows, compute_grad, row_scale,
     )
 
 
@@ -247,7 +277,7 @@ class _LinearDistillFunction(torch.autograd.Function):
             return loss_rows
         ctx.scale = None
         if reduction in ("mean", "batchmean"):
-            counted = _counted_rows(target, op_args[4], hidden.shape[0], _wide(hidden))
+            counted = _counted_rows(target, teacher.ids, op_args[5], hidden.shape[0], _wide(hidden))
             ctx.scale = counted.reciprocal()
         loss_rows, *grads = _run_op(hidden, weight, bias, target, teacher, op_args, chunk_rows,
                                     True, ctx.scale)

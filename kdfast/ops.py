@@ -110,10 +110,12 @@ if HAS_EXTENSION:
     @torch.library.register_fake("kdfast::linear_distill_fwd")
     def _linear_distill_fwd_fake(
         hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight,
-        teacher_bias, temperature, alpha, kind, beta, ignore_index, label_smoothing,
-        scale_by_t2, chunk_rows, compute_grad, row_scale,
+        teacher_bias, teacher_ids, teacher_sparse_logits, tail_logsumexp, temperature,
+        teacher_temperature, alpha, kind, beta, ignore_index, label_smoothing, scale_by_t2,
+        chunk_rows, compute_grad, row_scale,
     ):
-        wide = torch.float64 in (hidden.dtype, getattr(teacher_logits, "dtype", None))
+        teacher_floats = (teacher_logits, teacher_sparse_logits, tail_logsumexp)
+        wide = torch.float64 in (hidden.dtype, *(getattr(t, "dtype", None) for t in teacher_floats))
         loss_rows = hidden.new_empty((hidden.shape[0],), dtype=torch.float64 if wide else torch.float32)
         if not compute_grad:
             return loss_rows, *(hidden.new_empty((0,)) for _ in range(3))

@@ -176,11 +176,11 @@ def test_gradcheck():
 
 def test_opcheck():
     h, w, b, th, tw, tb, y = make(batch=(9,), dtype=torch.float32)
-    args = (h, w, b, y, None, th, tw, tb, 2.0, 0.5, "kl", 0.5, -100, 0.0, True, 4, True,
-            torch.tensor([0.25]))
+    args = (h, w, b, y, None, th, tw, tb, None, None, None, 2.0, 2.0, 0.5, "kl", 0.5, -100, 0.0,
+            True, 4, True, torch.tensor([0.25]))
     torch.library.opcheck(torch.ops.kdfast.linear_distill_fwd.default, args)
-    no_grad = (h, w, None, None, F.linear(th, tw, tb), None, None, None, 1.0, 0.5, "jsd", 0.5,
-               -100, 0.0, True, 0, False, None)
+    no_grad = (h, w, None, None, F.linear(th, tw, tb), None, None, None, None, None, None, 1.0,
+               1.0, 0.5, "jsd", 0.5, -100, 0.0, True, 0, False, None)
     torch.library.opcheck(torch.ops.kdfast.linear_distill_fwd.default, no_grad)
 
 
@@ -230,14 +230,19 @@ def test_module_form_and_config():
         ({"teacher_hidden": "TH_grad", "teacher_weight": "TW"}, ValueError,
          "teacher_hidden requires grad"),
         ({"teacher_logits": "T_short"}, ValueError, "teacher_logits shape"),
-        ({"teacher_sparse": "S"}, NotImplementedError, "teacher_sparse"),
+        ({"teacher_sparse": "S", "tail": "bucket"}, ValueError, "tail_logsumexp"),
+        ({"teacher_sparse": "S", "tail": "other"}, ValueError, "tail"),
+        ({"teacher_sparse": "S_bad_shape"}, ValueError, "teacher.indices shape"),
+        ({"teacher_sparse": "S_out_of_range"}, ValueError, "teacher.indices"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, match):
     h, w, b, th, tw, tb, y = make(batch=(6,), dtype=torch.float32)
     values = {"T": F.linear(th, tw, tb), "TH": th, "TW": tw, "T_short": F.linear(th, tw, tb)[:5],
               "T_grad": F.linear(th, tw, tb).requires_grad_(), "TH_grad": th.requires_grad_(),
-              "S": kdfast.SparseTargets(torch.zeros(6, 2, dtype=torch.long), torch.zeros(6, 2))}
+              "S": kdfast.SparseTargets(torch.arange(12).view(6, 2), torch.zeros(6, 2)),
+              "S_bad_shape": kdfast.SparseTargets(torch.arange(10).view(5, 2), torch.zeros(5, 2)),
+              "S_out_of_range": kdfast.SparseTargets(torch.full((6, 2), 99), torch.zeros(6, 2))}
     with pytest.raises(error, match=match):
         kdfast.linear_distillation_loss(h, w, y, **{k: values.get(v, v) if isinstance(v, str) else v
                                                     for k, v in kwargs.items()})
@@ -281,3 +286,74 @@ def test_a_retained_graph_gives_the_same_gradients_again():
     first = first.clone()
     (second,) = torch.autograd.grad(loss * 3, w)
     torch.testing.assert_close(second, 3 * first, rtol=1e-12, atol=1e-14)
+
+
+def sparse_teacher(z: torch.Tensor, k: int, t_t: float, seed: int = 0) -> kdfast.SparseTargets:
+    """k teacher ids per row (random, not the top ones) with -1 slots and an empty row; the
+    exact tail logsumexp at T_t."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(z.shape[-1], generator=g)[:k] for _ in range(z[..., 0].numel())])
+    ids = ids.view(*z.shape[:-1], k)
+    ids.view(-1, k)[::3, -1] = -1
+    ids.view(-1, k)[1] = -1
+    logits = z.gather(-1, ids.clamp(min=0))
+    rest = z.scatter(-1, ids.clamp(min=0), float("-inf"))
+    rest.view(-1, z.shape[-1])[1] = (z.view(-1, z.shape[-1])[1])  # the empty row keeps every class
+    return kdfast.SparseTargets(ids, logits, torch.logsumexp(rest / t_t, dim=-1))
+
+
+@pytest.mark.parametrize(("tail", "kind"), [("renormalize", "kl"), ("bucket", "kl"),
+                                            ("bucket", "reverse_kl"), ("bucket", "jsd")])
+@pytest.mark.parametrize("with_target", [True, False])
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_sparse_teacher_matches_the_sparse_loss_on_materialized_logits(tail, kind, with_target,
+                                                                         chunk_rows):
+    h, w, b, th, tw, tb, y = make(batch=(3, 5), classes=40)
+    teacher = sparse_teacher(F.linear(th, tw, tb), k=6, t_t=1.5)
+    y = y if with_target else None
+    kw = {"tail": tail, "kind": kind, "temperature": 2.0, "teacher_temperature": 1.5,
+          "alpha": 0.6, "label_smoothing": 0.05}
+    params = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = kdfast.linear_distillation_loss(params[0], params[1], y, student_bias=params[2],
+                                           teacher_sparse=teacher, chunk_rows=chunk_rows, **kw)
+    (loss * 1.7).backward()
+    ref_params = [t.clone().requires_grad_() for t in (h, w, b)]
+    ref = reference.sparse_distillation_loss(F.linear(*ref_params), teacher, y, **kw)
+    (ref * 1.7).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for p, r in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparse_teacher_low_precision(dtype):
+    h, w, b, th, tw, tb, y = make(batch=(24,), hidden=16, classes=200, dtype=dtype)
+    teacher = sparse_teacher(F.linear(th, tw, tb).float(), k=8, t_t=2.0)
+    params = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = kdfast.linear_distillation_loss(params[0], params[1], y, student_bias=params[2],
+                                           teacher_sparse=teacher, tail="bucket", temperature=2.0,
+                                           chunk_rows=10)
+    loss.backward()
+    ref_params = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    ref = reference.sparse_distillation_loss(F.linear(*ref_params), teacher, y, tail="bucket",
+                                             temperature=2.0)
+    ref.backward()
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
+    for p, r in zip(params, ref_params, strict=True):
+        assert p.grad.dtype == dtype
+        scale = r.grad.abs().max()
+        torch.testing.assert_close(p.grad.double() / scale, r.grad / scale, rtol=4 * tol, atol=4 * tol)
+
+
+def test_sparse_teacher_module_form_and_opcheck():
+    h, w, b, th, tw, tb, y = make(batch=(9,), dtype=torch.float32)
+    teacher = sparse_teacher(F.linear(th, tw, tb), k=5, t_t=1.0)
+    by_module = kdfast.LinearKDLoss(tail="bucket")(h, w, y, teacher=teacher, bias=b)
+    by_function = kdfast.linear_distillation_loss(h, w, y, student_bias=b, teacher_sparse=teacher,
+                                                  tail="bucket")
+    torch.testing.assert_close(by_module, by_function)
+    args = (h, w, b, y, None, None, None, None, teacher.indices, teacher.logits,
+            teacher.tail_logsumexp, 2.0, 1.0, 0.5, "kl", 0.5, -100, 0.0, True, 4, True,
+            torch.tensor([0.5]))
+    torch.library.opcheck(torch.ops.kdfast.linear_distill_fwd.default, args)
