@@ -207,3 +207,26 @@ def test_experiment_on_digits(tmp_path, workers):
     assert sum(row["correct_generalist"] for row in table) == 593 - errors["generalist"]
     assert sum(row["correct_combined"] for row in table) == 593 - errors["combined"]
     assert table[0]["covering"] == 0
+
+
+@pytest.mark.slow
+def test_cli_specialists_on_digits(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    import json
+
+    from kdfast.cli import main
+
+    out = tmp_path / "run"
+    assert main(["specialists", "--dataset", "digits", "--preset", "tiny", "--out", str(out), "--quiet",
+                 "--no-plot", "--workers", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "digits" and results["preset"]["name"] == "tiny"
+    assert "| active specialists covering the true class |" in capsys.readouterr().out
+
+
+def test_cli_specialists_refuses_bad_workers(tmp_path, capsys):
+    from kdfast.cli import main
+
+    assert main(["specialists", "--dataset", "digits", "--workers", "0", "--out", str(tmp_path / "r")]) == 1
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
