@@ -70,6 +70,7 @@ class SpecialistsPreset:
     clusterings: tuple[int, ...] = (3, 4)
     top_n: int = 2
     combine_steps: int = 50
+    keep_diagonal: bool = False
 
 
 PRESETS = {
@@ -128,11 +129,12 @@ def _log_probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.log_softmax(model(b).double(), -1) for b in x.split(4096)])
 
 
-def union_of_clusterings(probs: torch.Tensor, ks: tuple[int, ...], seed: int) -> list[list[int]]:
+def union_of_clusterings(probs: torch.Tensor, ks: tuple[int, ...], seed: int, keep_diagonal: bool = False
+                         ) -> list[list[int]]:
     """The clusters of k-means with each k in ``ks`` (duplicates once): overlapping groups."""
     clusters: list[list[int]] = []
     for k in ks:
-        for cl in confusable_clusters(probs, min(k, probs.shape[1]), seed=seed):
+        for cl in confusable_clusters(probs, min(k, probs.shape[1]), seed=seed, keep_diagonal=keep_diagonal):
             if cl not in clusters and len(cl) < probs.shape[1]:
                 clusters.append(cl)
     return clusters
@@ -187,7 +189,8 @@ def run_specialists(dataset: str = "fashion-mnist", preset: str | SpecialistsPre
     stages["generalist"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    clusters = union_of_clusterings(_log_probs(generalist, x).exp(), preset.clusterings, seed)
+    clusters = union_of_clusterings(_log_probs(generalist, x).exp(), preset.clusterings, seed,
+                                    preset.keep_diagonal)
     log(f"clusters of confusable classes: {clusters}")
     spec_cfg = TrainConfig(epochs=preset.specialist_epochs, batch_size=preset.batch_size,
                            lr=preset.specialist_lr, seed=seed)
