@@ -63,7 +63,7 @@ class SpecialistsPreset:
     hidden: int = 256
     generalist_epochs: int = 6
     generalist_dropout: float = 0.2
-    specialist_epochs: int = 2
+    specialist_epochs: int = 6
     lr: float = 0.1
     specialist_lr: float = 0.02
     batch_size: int = 128
