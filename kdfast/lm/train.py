@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,9 +230,10 @@ def train_lm(student_cfg: StudentConfig, train_tokens: np.ndarray, valid_tokens:
             metrics = evaluate_lm(lambda x: model.logits(model(x)), valid)
             history.append({"step": step, "train_loss": float(np.mean(losses)), "valid": metrics,
                             "train_tokens_per_s": tokens / seconds})
-            bar.write(f"step {step}: train loss {history[-1]['train_loss']:.3f}, valid ppl "
-                      f"{metrics['perplexity']:.2f}, acc {metrics['accuracy']:.3f}, "
-                      f"{tokens / seconds:.0f} tok/s")
+            if progress:
+                bar.write(f"step {step}: train loss {history[-1]['train_loss']:.3f}, valid ppl "
+                          f"{metrics['perplexity']:.2f}, acc {metrics['accuracy']:.3f}, "
+                          f"{tokens / seconds:.0f} tok/s", file=sys.stderr)
             _save(out, identity, model, opt, step, history)
             losses, tokens, started = [], 0, time.perf_counter()
     bar.close()
