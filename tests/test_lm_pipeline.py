@@ -96,7 +96,8 @@ def test_a_stopped_run_resumes_to_the_same_weights(tokens, tmp_path, monkeypatch
         lm_train.train_lm(STUDENT, tokens, tokens[:4], tmp_path / "b", _config("hard"), progress=False)
     monkeypatch.setattr(lm_train, "_save", real_save)
     resumed = lm_train.train_lm(STUDENT, tokens, tokens[:4], tmp_path / "b", _config("hard"), progress=False)
-    assert resumed["history"] == [{**h, "train_tokens_per_s": r["train_tokens_per_s"]}
+    timing = ("train_tokens_per_s", "train_tokens_per_cpu_s")
+    assert resumed["history"] == [{**h, **{t: r[t] for t in timing}}
                                   for h, r in zip(straight["history"], resumed["history"], strict=True)]
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["state_dict"]

@@ -207,7 +207,7 @@ def train_lm(student_cfg: StudentConfig, train_tokens: np.ndarray, valid_tokens:
     step, history = _resume(out, identity, model, opt)
     valid = valid_tokens[:cfg.eval_sequences]
     bar = tqdm(total=cfg.steps, initial=step, desc=f"student ({cfg.mode})", unit="step", disable=not progress)
-    losses, tokens, started = [], 0, time.perf_counter()
+    losses, tokens, started, cpu = [], 0, time.perf_counter(), time.process_time()
     while step < cfg.steps:
         model.train()
         rows = batch_indices(step, cfg.batch_size, len(train_tokens), cfg.seed)
@@ -225,16 +225,19 @@ def train_lm(student_cfg: StudentConfig, train_tokens: np.ndarray, valid_tokens:
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            seconds = time.perf_counter() - started
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
             model.eval()
             metrics = evaluate_lm(lambda x: model.logits(model(x)), valid)
             history.append({"step": step, "train_loss": float(np.mean(losses)), "valid": metrics,
-                            "train_tokens_per_s": tokens / seconds})
+                            "train_tokens_per_s": tokens / seconds,
+                            # CPU time of this process: on a shared machine wall time mostly
+                            # measures the other tenants.
+                            "train_tokens_per_cpu_s": tokens / max(cpu_seconds, 1e-9)})
             if progress:
                 bar.write(f"step {step}: train loss {history[-1]['train_loss']:.3f}, valid ppl "
                           f"{metrics['perplexity']:.2f}, acc {metrics['accuracy']:.3f}, "
                           f"{tokens / seconds:.0f} tok/s", file=sys.stderr)
             _save(out, identity, model, opt, step, history)
-            losses, tokens, started = [], 0, time.perf_counter()
+            losses, tokens, started, cpu = [], 0, time.perf_counter(), time.process_time()
     bar.close()
     return json.loads((out / METRICS).read_text())
