@@ -433,7 +433,7 @@ def add_commands(sub) -> None:
     mnist.add_argument("--quiet", action="store_true", help="no progress bars")
     mnist.set_defaults(func=_cmd_mnist)
 
-    data = sub.add_parser("data", help="fetch datasets (mnist, fashion-mnist)")
+    data = sub.add_parser("data", help="fetch datasets (mnist, fashion-mnist, lm)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dm = data_sub.add_parser(
         "mnist", help="fetch the four MNIST IDX files into a directory, MD5-checked",
@@ -456,3 +456,6 @@ def add_commands(sub) -> None:
     fm.add_argument("--dir", default=None, help="target directory (default $KDFAST_DATA/fashion-mnist or "
                     "~/.cache/kdfast/fashion-mnist)")
     fm.set_defaults(func=_cmd_data_fashion_mnist)
+    from kdfast.cli_lm import add_lm_commands
+
+    add_lm_commands(sub, data_sub)  # data lm, lm cache|train|eval-teacher

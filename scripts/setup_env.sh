@@ -19,4 +19,10 @@ if ! "$VENV/bin/python" scripts/build_stamp.py check --root . --venv "$VENV"; th
   "$VENV/bin/pip" install -q -e . --no-build-isolation
   "$VENV/bin/python" scripts/build_stamp.py record --root . --venv "$VENV"
 fi
+# The optional LM extra (transformers, gguf, accelerate, safetensors; about a minute of
+# downloads the first time), so that CI runs the tests needing it. Its requirements are read
+# from pyproject.toml (one place) and installed without reinstalling kdfast.
+"$VENV/bin/python" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))
+  ["project"]["optional-dependencies"]["lm"]))' > "$VENV/lm-requirements.txt"
+"$VENV/bin/pip" install -q -r "$VENV/lm-requirements.txt"
 "$VENV/bin/python" -c "import kdfast, json; print(json.dumps(kdfast.build_info()))"

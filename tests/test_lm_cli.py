@@ -1,0 +1,60 @@
+"""`kdfast lm cache | train | eval-teacher` on a tiny random Llama and a fake data dir."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kdfast.cli import main  # noqa: E402
+from kdfast.lm import data  # noqa: E402
+
+VOCAB, SEQ = 200, 12
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=32, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "teacher")
+    rng = np.random.default_rng(0)
+    arrays = {s: rng.integers(0, VOCAB, size=(n, SEQ)).astype(np.uint16)
+              for s, n in (("train", 16), ("valid", 4), ("test", 4))}
+    data.write_corpus(root, arrays, {"seq_len": SEQ, "vocab_size": VOCAB})
+    return root
+
+
+def _run(capsys, *argv) -> dict:
+    assert main([*argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cache_train_and_teacher_eval_commands(data_dir, tmp_path, capsys):
+    common = ["--data-dir", str(data_dir), "--threads", "1", "--quiet"]
+    stats = _run(capsys, "lm", "cache", *common, "--out", str(tmp_path / "c"), "--sequences", "8",
+                 "--k", "4", "--batch-size", "4", "--body-dtype", "float32", "--measure-overhead", "4")
+    assert stats["tokens"] == 8 * SEQ and stats["bare_forward_tokens_per_s"] > 0
+    assert stats["bytes_per_token"] < stats["dense_fp16_bytes_per_token"]
+    train = ["--steps", "2", "--batch-size", "2", "--eval-every", "2", "--eval-sequences", "2", "--d-model",
+             "16", "--layers", "1", "--heads", "2", "--ffn", "16", "--sequences", "8"]
+    hard = _run(capsys, "lm", "train", *common, *train, "--out", str(tmp_path / "h"))
+    soft = _run(capsys, "lm", "train", *common, *train, "--out", str(tmp_path / "s"), "--mode", "distill",
+                "--cache", str(tmp_path / "c"))
+    assert hard["step"] == soft["step"] == 2
+    teacher = _run(capsys, "lm", "eval-teacher", *common, "--sequences", "2", "--body-dtype", "float32")
+    assert teacher["tokens"] == 2 * (SEQ - 1) and teacher["perplexity"] > 1
+
+
+def test_a_cache_over_other_sequences_is_refused(data_dir, tmp_path, capsys):
+    common = ["--data-dir", str(data_dir), "--threads", "1", "--quiet"]
+    _run(capsys, "lm", "cache", *common, "--out", str(tmp_path / "c"), "--sequences", "4", "--k", "4",
+         "--batch-size", "4", "--body-dtype", "float32")
+    assert main(["lm", "train", *common, "--out", str(tmp_path / "s"), "--mode", "distill", "--cache",
+                 str(tmp_path / "c"), "--sequences", "8", "--steps", "1", "--d-model", "16", "--heads",
+                 "2"]) == 1
+    assert "holds 4 sequences" in capsys.readouterr().err
