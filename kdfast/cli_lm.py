@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from kdfast.cli_distill import _THREADS_HELP, _set_threads
 
@@ -105,15 +107,28 @@ def _cmd_lm_eval_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lm_preset(args: argparse.Namespace) -> int:
+    from kdfast.lm.experiment import PRESETS, run_lm_experiment
+
+    if args.preset is None:
+        raise ValueError("kdfast lm: give --preset quick|full, or one of the steps "
+                         "cache | train | eval-teacher")
+    _set_threads(args.threads)
+    out = args.out or Path("runs") / f"lm-{args.preset}"
+    run_lm_experiment(PRESETS[args.preset], out, args.data_dir, progress=not args.quiet,
+                      plot=not args.no_plot)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, type=_path, help=_DIR_HELP)
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _path(text: str):
-    from pathlib import Path
-
+def _path(text: str) -> Path:
     return Path(text)
 
 
@@ -136,8 +151,21 @@ def add_lm_commands(sub, data_sub) -> None:
     dl.add_argument("--quiet", action="store_true", help="no progress bars")
     dl.set_defaults(func=_cmd_data_lm)
 
-    lm = sub.add_parser("lm", help="language-model distillation: cache, train, eval-teacher")
-    lm_sub = lm.add_subparsers(dest="lm_command", required=True)
+    lm = sub.add_parser(
+        "lm", help="language-model distillation: --preset quick|full, or the steps cache, train, "
+        "eval-teacher",
+        description="`kdfast lm --preset quick` runs the whole path (data, teacher evaluation, sparse "
+        "caches, hard-label and distilled students over 2 seeds, test perplexity, results.md + plot) "
+        "resumably; the subcommands run one step each.")
+    _common(lm)
+    lm.add_argument("--preset", choices=("quick", "full"), default=None,
+                    help="quick: ~150 k cached tokens, top-k students (minutes); full: ~1 M tokens, "
+                    "top-k / sampled / top-k+sampled (about an hour)")
+    lm.add_argument("--out", type=_path, default=None,
+                    help="with --preset: run directory (default runs/lm-PRESET)")
+    lm.add_argument("--no-plot", action="store_true", help="with --preset: skip the PNG")
+    lm.set_defaults(func=_cmd_lm_preset)
+    lm_sub = lm.add_subparsers(dest="lm_command")
     cache = lm_sub.add_parser("cache", help="teacher over the training sequences -> token-level sparse cache")
     _common(cache)
     _teacher_args(cache)

@@ -45,13 +45,15 @@ def output_layer_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
     against next-token ``target`` ``(B, L)`` (-100 = padding), plus the teacher's ``sparse``
     targets ``(B, L, k)`` when given (``alpha`` weighs the soft term).
 
-    The only place where logits are formed: when ``linear_distillation_loss`` accepts
-    ``teacher_sparse=`` this becomes one call that never materializes them.
+    With the teacher's targets this is :func:`kdfast.linear_distillation_loss`: the output layer
+    fused with the loss, so the ``(B, L, C)`` student logits never exist in full. The hard-label
+    baseline forms the logits (as a plain training script does).
     """
-    logits = F.linear(hidden, weight)
     if sparse is None:
+        logits = F.linear(hidden, weight)
         return F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100)
-    return kdfast.sparse_distillation_loss(logits, sparse, target, tail=tail, temperature=temperature,
+    return kdfast.linear_distillation_loss(hidden, weight, target, teacher_sparse=sparse, tail=tail,
+                                           temperature=temperature,
                                            teacher_temperature=teacher_temperature, alpha=alpha)
 
 
