@@ -164,7 +164,7 @@ at::Tensor run_sparse(const SparseInputs& in, const at::Tensor& grad, bool avera
 
   const RunSparseRows fn = sparse_rows_fn(selected_isa());
   const size_t elem = in.student.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-  const size_t scratch_bytes = static_cast<size_t>(sparse_scratch_elems(in.k)) * elem + 64;
+  const size_t scratch_bytes = static_cast<size_t>(sparse_scratch_elems(in.n_cols, in.k)) * elem + 64;
   const int64_t C = in.n_cols;
   // As the dense op: threads when each gets at least 32 K elements, blocks of at most 256 K.
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>((int64_t(1) << 18) / C, 64));

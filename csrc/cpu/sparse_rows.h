@@ -5,12 +5,15 @@
 // csrc/include/kdfast/sparse_math.h.
 //
 // One row: the valid ids arrive sorted (the op's validation pass), so the student row is read
-// once for all its normalizers, chunk by chunk: each chunk is widened into an L1 buffer, the
-// ids of K that fall in it are masked to -inf there (a merge walk of the sorted ids), and the
-// buffer's maximum and exp sums are the rest's statistics for that chunk; K's own k entries
-// are gathered separately. The gradient pass reads the row a second time, computes every
-// column with the rest's coefficient and then overwrites the columns of K (and the label's)
-// with their own, in an L1 buffer streamed out once: each gradient element written once.
+// once, chunk by chunk: each chunk is widened into its slots of a row-sized stash, the ids of
+// K that fall in it are masked to -inf there (a merge walk of the sorted ids), and the
+// chunk's maximum and exps (overwriting it in the stash, still in L1) give the rest's
+// statistics for that chunk; K's own k entries are gathered separately. The gradient pass
+// reads only the stash: q_j / Q_R is a stashed exp times its chunk's factor (sparse_math.h's
+// rest_chunk_factors; the stash is not rewritten when the row's maximum grows), then the
+// columns of K (and the label's) are overwritten with their own, in an L1 buffer streamed out
+// once: no exp per element, and no second read of the student row, which in-place mode
+// overwrites (benchmarks/NOTES.md, entry 20).
 #pragma once
 
 #include "kdfast/cpu_rows_api.h"
@@ -23,18 +26,21 @@ namespace {
 
 using namespace ::kdfast::math;
 
-// The rest's statistics of chunk [k0, k1): buf holds the chunk (widened) with K's columns
-// masked to -inf. sum_s is the unmasked chunk's logit sum (label smoothing over all C).
+// The rest's statistics of one chunk of n columns: e_a holds the chunk (widened) with K's
+// columns masked to -inf, and gets their exps relative to the chunk's shifts (e_s: softmax(s)'s
+// own, when Separate). sum_s is the unmasked chunk's logit sum (label smoothing over all C).
 template <int Squarings, bool Separate, class A>
-PartStats<A> rest_chunk_stats(const A* buf, int64_t n, A inv_t, A sum_s) {
+PartStats<A> rest_chunk_stats(A* e_a, A* e_s, int64_t n, A inv_t, A sum_s) {
   A cm = neg_inf<A>();
 #pragma omp simd reduction(max : cm)
-  for (int64_t j = 0; j < n; ++j) cm = kd_max(cm, buf[j]);
+  for (int64_t j = 0; j < n; ++j) cm = kd_max(cm, e_a[j]);
   const Shifts<A> sh = student_shifts(cm, inv_t);
   A z_a = A(0), z_s = A(0);
 #pragma omp simd reduction(+ : z_a, z_s)
   for (int64_t j = 0; j < n; ++j) {
-    const StudentExps<A> e = student_exps<Squarings, Separate>(buf[j], inv_t, sh.a, sh.s);
+    const StudentExps<A> e = student_exps<Squarings, Separate>(e_a[j], inv_t, sh.a, sh.s);
+    e_a[j] = e.ea;
+    if (Separate) e_s[j] = e.es;
     z_a += e.ea;
     z_s += e.es;
   }
@@ -56,14 +62,34 @@ PartStats<A> k_part_stats(const A* ks, int64_t nk, A inv_t) {
   return student_part(km, z_a, z_s, A(0));
 }
 
-// The rest's statistics over the whole row (one read of it) and the row's logit sum.
+// Per-thread scratch of the sparse rows (sparse_scratch_elems): the stash of the rest's exps
+// (e_s only when softmax(s) has exps of its own), each chunk's maximum, and K's gathered
+// logits, gradient weights and q_i.
+template <class A> struct SparseScratch {
+  A* e_a;
+  A* e_s;
+  A* chunk_max;
+  A* ks;
+  A* ws;
+  A* qs;
+};
+template <class A> SparseScratch<A> sparse_scratch(A* scratch, int64_t C, int64_t k) {
+  const int64_t row = sparse_stash_row_elems(C);
+  A* records = scratch + 2 * row;
+  A* ks = records + row_chunks(C);
+  return SparseScratch<A>{scratch, scratch + row, records, ks, ks + k, ks + 2 * k};
+}
+
+// The rest's statistics over the whole row (one read of it) and the row's logit sum; the
+// rest's exps and each chunk's maximum stashed in w for the gradient.
 template <int Squarings, bool Separate, class S, class A>
 PartStats<A> rest_row_stats(const S* s_src, const int64_t* keys, int64_t nk, int64_t C, A inv_t,
-                            bool need_logit_sum, A* buf) {
+                            bool need_logit_sum, const SparseScratch<A>& w) {
   PartStats<A> rest = empty_part<A>();
   int64_t next = 0;
   for (int64_t k0 = 0; k0 < C; k0 += kRowChunk) {
     const int64_t k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
+    A* buf = w.e_a + k0;
 #pragma omp simd
     for (int64_t j = k0; j < k1; ++j) buf[j - k0] = to_acc<A>(s_src[j]);
     A sum_s = A(0);
@@ -72,7 +98,8 @@ PartStats<A> rest_row_stats(const S* s_src, const int64_t* keys, int64_t nk, int
       for (int64_t j = 0; j < k1 - k0; ++j) sum_s += buf[j];
     }
     for (; next < nk && sparse_key_id(keys[next]) < k1; ++next) buf[sparse_key_id(keys[next]) - k0] = neg_inf<A>();
-    const PartStats<A> chunk = rest_chunk_stats<Squarings, Separate>(buf, k1 - k0, inv_t, sum_s);
+    const PartStats<A> chunk = rest_chunk_stats<Squarings, Separate>(buf, w.e_s + k0, k1 - k0, inv_t, sum_s);
+    w.chunk_max[k0 / kRowChunk] = chunk.max_s;
     rest = merge_student_parts(rest, chunk, inv_t, HardExp{Squarings, Separate});
   }
   return rest;
@@ -112,26 +139,29 @@ A soft_and_weights(const SparseRowsArgs& g, const int64_t* keys, int64_t nk, con
   return bins_soft(P.kind, sum_p, sum_q, static_cast<A>(P.beta));
 }
 
-// Writes the row's gradient: every column with the rest's coefficient, then K's columns and
-// the label's with their own, chunk by chunk through an L1 buffer. Reads the student row
-// before writing each chunk, so in-place mode (grad_row == the student row) is safe.
-template <int Squarings, bool Separate, class S, class G, class A>
-void write_sparse_grad(G* grad_row, const S* s_src, const int64_t* keys, int64_t nk, int64_t C,
-                       int64_t y, bool y_in_k, A s_y, const A* ks, const A* ws, const A* qs, A w_rest,
-                       const SparseRowNorm<A>& n, GradCoefs<A> gc, A* buf) {
+// Writes the row's gradient: every column with the rest's coefficient (from the stash), then
+// K's columns and the label's with their own, chunk by chunk through an L1 buffer. Reads no
+// student logit (K's and the label's were gathered first), so in-place mode (grad_row == the
+// student row) is safe.
+template <int Squarings, bool Separate, class G, class A>
+void write_sparse_grad(G* grad_row, const SparseScratch<A>& w, const int64_t* keys, int64_t nk, int64_t C,
+                       int64_t y, bool y_in_k, A s_y, A w_rest, const SparseRowNorm<A>& n, GradCoefs<A> gc) {
   constexpr bool kOwnSums = Squarings > 0 || Separate;
+  const HardExp hx{Squarings, Separate};
   alignas(64) A out[kRowChunk];
   int64_t next = 0;
   for (int64_t k0 = 0; k0 < C; k0 += kRowChunk) {
     const int64_t k1 = k0 + kRowChunk < C ? k0 + kRowChunk : C;
-    const A* sc = chunk_as_acc(s_src, buf, k0, k1);
+    const RestChunkFactors<A> f = rest_chunk_factors(w.chunk_max[k0 / kRowChunk], n, hx);
+    const A* e_a = w.e_a + k0;
+    const A* e_s = w.e_s + k0;
 #pragma omp simd
     for (int64_t j = 0; j < k1 - k0; ++j) {
-      out[j] = rest_grad_element<Squarings, Separate>(sc[j], w_rest, n, gc, false);
+      out[j] = rest_grad_stashed<Squarings, Separate>(e_a[j], Separate ? e_s[j] : A(0), f, w_rest, n, gc, false);
     }
     for (; next < nk && sparse_key_id(keys[next]) < k1; ++next) {
       const int64_t id = sparse_key_id(keys[next]);
-      out[id - k0] = bin_grad_element<kOwnSums>(ks[next], ws[next], qs[next], n, gc, id == y);
+      out[id - k0] = bin_grad_element<kOwnSums>(w.ks[next], w.ws[next], w.qs[next], n, gc, id == y);
     }
     if (!y_in_k && y >= k0 && y < k1) {
       out[y - k0] = rest_grad_element<Squarings, Separate>(s_y, w_rest, n, gc, true);
@@ -157,10 +187,8 @@ int64_t run_sparse_rows_typed(const SparseRowsArgs& g, int64_t begin, int64_t en
   const bool need_hard = P.hard_coef != 0.0;
   const bool need_logit_sum = need_hard && eps != A(0);
   const HardExp hx{Squarings, Separate};
-  A* buf = scratch;
-  A* ks = scratch + kRowChunk;
-  A* ws = ks + k;
-  A* qs = ws + k;
+  const SparseScratch<A> w = sparse_scratch(scratch, C, k);
+  A* ks = w.ks;
   A* out_loss = static_cast<A*>(g.loss_rows);
   const A* teacher = static_cast<const A*>(g.teacher_logits);
   const A* tails = static_cast<const A*>(g.tail);
@@ -184,7 +212,7 @@ int64_t run_sparse_rows_typed(const SparseRowsArgs& g, int64_t begin, int64_t en
       ks[j] = to_acc<A>(s_src[sparse_key_id(keys[j])]);
       y_in_k = y_in_k || sparse_key_id(keys[j]) == y;
     }
-    const PartStats<A> rest = rest_row_stats<Squarings, Separate>(s_src, keys, nk, C, inv_t, need_logit_sum, buf);
+    const PartStats<A> rest = rest_row_stats<Squarings, Separate>(s_src, keys, nk, C, inv_t, need_logit_sum, w);
     const PartStats<A> k_part = k_part_stats<Squarings, Separate>(ks, nk, inv_t);
     const PartStats<A> all = merge_student_parts(rest, k_part, inv_t, hx);
     const SparseRowNorm<A> n = sparse_row_norm(rest, all, inv_t, hx);
@@ -192,10 +220,10 @@ int64_t run_sparse_rows_typed(const SparseRowsArgs& g, int64_t begin, int64_t en
     A soft = A(0), w_rest = A(0);
     if (nk > 0) {
       const A tail = tails ? tails[i] : neg_inf<A>();
-      soft = soft_and_weights(g, keys, nk, teacher + i * k, tail, ks, n, gc, ws, qs, &w_rest);
+      soft = soft_and_weights(g, keys, nk, teacher + i * k, tail, ks, n, gc, w.ws, w.qs, &w_rest);
     }
     if (grad_row) {
-      write_sparse_grad<Squarings, Separate>(grad_row, s_src, keys, nk, C, y, y_in_k, s_y, ks, ws, qs, w_rest, n, gc, buf);
+      write_sparse_grad<Squarings, Separate>(grad_row, w, keys, nk, C, y, y_in_k, s_y, w_rest, n, gc);
     }
     const A hard = need_hard ? sparse_hard_loss(s_y, all.sum_s, C, eps, n) : A(0);
     out_loss[i] = row_loss(soft, hard, P);

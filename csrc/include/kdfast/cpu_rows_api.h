@@ -75,8 +75,15 @@ struct SparseRowsArgs {
 constexpr int64_t sparse_key(int64_t id, int64_t slot) { return (id << 32) | slot; }
 constexpr int64_t sparse_key_id(int64_t key) { return key >> 32; }
 constexpr int64_t sparse_key_slot(int64_t key) { return key & 0xffffffffLL; }
-// Elements of scratch (of the accumulation type) one thread needs for the sparse rows.
-inline int64_t sparse_scratch_elems(int64_t k) { return kRowChunk + 3 * k; }
+// The sparse rows' stash of one row's exps: n_cols elements, rounded up to whole cache lines
+// of floats so a second stash after it starts aligned.
+inline int64_t sparse_stash_row_elems(int64_t n_cols) { return (n_cols + 15) / 16 * 16; }
+// Elements of scratch (of the accumulation type) one thread needs for the sparse rows: two
+// stashed rows (the second only when softmax(s) has exps of its own), one maximum per chunk,
+// and 3 k for K's gathered logits, weights and q_i.
+inline int64_t sparse_scratch_elems(int64_t n_cols, int64_t k) {
+  return 2 * sparse_stash_row_elems(n_cols) + row_chunks(n_cols) + 3 * k;
+}
 
 // Processes rows [begin, end). Returns -1 on success, the index of the first row whose target
 // is outside [0, C) and not ignore_index, or -2 for an unsupported dtype pair (float64 must be

@@ -21,7 +21,8 @@
 //   3. The gradient. For a divergence D of the bins with g_b = dD/dQ_b,
 //      dD/ds_j = (1/T) q_j (g_b(j) - sum_b Q_b g_b), so each bin has one weight
 //      w_b = Q_b (g_b - gbar) (bin_grad_weight): an id i in K gets soft_g * w_i, a column j of
-//      the rest soft_g * (q_j / Q_R) * w_R (rest_grad_element), plus the hard part.
+//      the rest soft_g * (q_j / Q_R) * w_R (rest_grad_element), plus the hard part; q_j / Q_R
+//      from step 1's stashed exps times a per-chunk factor (rest_chunk_factors), no exp.
 #pragma once
 
 #include "kdfast/kd_math.h"
@@ -173,14 +174,42 @@ template <bool OwnSums, class A>
 KD_HD A bin_grad_element(A s, A w, A q, const SparseRowNorm<A>& n, GradCoefs<A> g, bool at_label) {
   return g.soft_g * w + hard_grad_from_prob(hard_prob<OwnSums>(s, q, n), g, at_label);
 }
-// d loss / d s_j of a column j of the rest: soft_g (q_j / Q_R) w_R plus the hard part, with
-// e = q_j / Q_R = exp(s_j / T - lse_rest) <= 1 (finite even when Q_R underflows) and
-// softmax(s)_j from e (rest_hard_scale).
+// d loss / d s_j of a column j of the rest: soft_g (q_j / Q_R) w_R plus the hard part, from
+// e = q_j / Q_R = exp(s_j / T - lse_rest) <= 1 (finite even when Q_R underflows) and, when
+// softmax(s) has exps of its own (Separate), e_s = exp(s_j - lse_s); else softmax(s)_j comes
+// from e (rest_hard_scale).
+template <int Squarings, bool Separate, class A>
+KD_HD A rest_grad_from_exps(A e, A e_s, A w_rest, const SparseRowNorm<A>& n, GradCoefs<A> g, bool at_label) {
+  const A r = (Separate ? e_s : hard_exp<Squarings, false>(A(0), e, A(0))) * n.rest_hard_scale;
+  return g.soft_g * (e * w_rest) + hard_grad_from_prob(r, g, at_label);
+}
+// The same from the logit s_j itself.
 template <int Squarings, bool Separate, class A>
 KD_HD A rest_grad_element(A s, A w_rest, const SparseRowNorm<A>& n, GradCoefs<A> g, bool at_label) {
   const A e = exp_nonpos(s * n.inv_t - n.lse_rest);
-  const A r = hard_exp<Squarings, Separate>(s, e, n.lse_s) * n.rest_hard_scale;
-  return g.soft_g * (e * w_rest) + hard_grad_from_prob(r, g, at_label);
+  return rest_grad_from_exps<Squarings, Separate>(e, hard_exp<0, Separate>(s, e, n.lse_s), w_rest, n, g, at_label);
+}
+// The rest's exps stashed by a row loop's statistics pass (student_exps relative to a chunk's
+// student_shifts) turn into rest_grad_from_exps's e and e_s with one factor per chunk:
+// exp(shift - normalizer) <= 1, so the stash is never rewritten when a later chunk raises the
+// row's maximum. An all -inf chunk (every column in K) gets 0: its exps are 0 already.
+template <class A> struct RestChunkFactors { A a, s; };
+template <class A>
+KD_HD RestChunkFactors<A> rest_chunk_factors(A chunk_max, const SparseRowNorm<A>& n, HardExp h) {
+  const bool empty = chunk_max == neg_inf<A>();
+  const Shifts<A> sh = student_shifts(chunk_max, n.inv_t);
+  RestChunkFactors<A> f;
+  f.a = empty ? A(0) : exp_nonpos(sh.a - n.lse_rest);
+  f.s = empty || !h.separate ? A(0) : exp_nonpos(sh.s - n.lse_s);
+  return f;
+}
+// rest_grad_from_exps from a column's stashed exps (e_s: 0 unless Separate) and its chunk's
+// factors.
+template <int Squarings, bool Separate, class A>
+KD_HD A rest_grad_stashed(A stashed_a, A stashed_s, RestChunkFactors<A> f, A w_rest, const SparseRowNorm<A>& n,
+                          GradCoefs<A> g, bool at_label) {
+  return rest_grad_from_exps<Squarings, Separate>(stashed_a * f.a, Separate ? stashed_s * f.s : A(0), w_rest, n,
+                                                  g, at_label);
 }
 
 }  // namespace math
