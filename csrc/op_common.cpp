@@ -118,7 +118,15 @@ int32_t parse_kind(c10::string_view kind) {
   if (kind == "kl") return math::KIND_KL;
   if (kind == "reverse_kl") return math::KIND_REVERSE_KL;
   if (kind == "jsd") return math::KIND_JSD;
-  TORCH_CHECK_VALUE(false, "kind must be one of 'kl', 'reverse_kl', 'jsd', got '", kind, "'");
+  if (kind == "logit_mse") return math::KIND_LOGIT_MSE;
+  TORCH_CHECK_VALUE(false, "kind must be one of 'kl', 'reverse_kl', 'jsd', 'logit_mse', got '", kind, "'");
+}
+
+void check_kind_temperature(int32_t kind, double temperature) {
+  TORCH_CHECK_VALUE(kind != math::KIND_LOGIT_MSE || temperature == 1.0,
+                    "temperature must be 1 with kind='logit_mse' (logit matching compares raw logits: "
+                    "it is the T -> infinity limit of T^2 KL, with no temperature of its own), got ",
+                    temperature);
 }
 
 at::ScalarType loss_dtype(const at::Tensor& student) {
@@ -152,6 +160,7 @@ PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor
                     " but student_logits is on ", student_logits.device());
   check_scalar_args(temperature, alpha, beta, label_smoothing);
   const int32_t kind_id = parse_kind(kind);
+  check_kind_temperature(kind_id, temperature);
 
   PreparedInputs out;
   out.n_rows = student_logits.size(0);

@@ -19,6 +19,8 @@ struct PreparedInputs {
 };
 
 int32_t parse_kind(c10::string_view kind);
+// kind="logit_mse" takes temperature 1 only (the error names the argument).
+void check_kind_temperature(int32_t kind, double temperature);
 
 bool is_supported_float(at::ScalarType t);
 // Whether two 1-D or 2-D tensors share any byte: exact for rows with unit stride (a student

@@ -78,6 +78,10 @@ SparseInputs prepare_sparse_inputs(const at::Tensor& student_logits, const at::T
   TORCH_CHECK_VALUE(std::isfinite(teacher_temperature) && teacher_temperature > 0.0,
                     "teacher_temperature must be finite and > 0, got ", teacher_temperature);
   const int32_t kind_id = parse_kind(kind);
+  TORCH_CHECK_VALUE(kind_id != math::KIND_LOGIT_MSE,
+                    "kind='logit_mse' is not supported by the sparse loss: the teacher's logits must be "
+                    "centred over all C classes, and sparse targets hold k of them. Use "
+                    "distillation_loss with dense teacher_logits");
 
   SparseInputs in;
   in.n_rows = student_logits.size(0);

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-KINDS = ("kl", "reverse_kl", "jsd")
+KINDS = ("kl", "reverse_kl", "jsd", "logit_mse")
 REDUCTIONS = ("mean", "batchmean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -83,6 +83,12 @@ def check_distillation_args(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "logit_mse" and temperature != 1:
+        raise ValueError(
+            f"temperature must be 1 with kind='logit_mse' (logit matching compares raw logits: "
+            f"it is the T -> infinity limit of T**2 KL, with no temperature of its own), got "
+            f"{temperature}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 

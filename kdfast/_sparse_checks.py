@@ -45,6 +45,12 @@ def check_sparse_scalars(*, tail: str, kind: str, teacher_temperature: float | N
         raise TypeError(f"tail must be a str, one of {TAILS}, got {type(tail).__name__} {tail!r}")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if kind == "logit_mse":
+        raise ValueError(
+            "kind='logit_mse' is not supported by the sparse losses: it centres the teacher's "
+            "logits over all C classes, and sparse targets hold k of them; use "
+            "kdfast.distillation_loss with dense teacher_logits"
+        )
     if tail == "renormalize" and kind != "kl":
         raise ValueError(
             f"kind must be 'kl' with tail='renormalize' (the renormalized teacher is compared with "

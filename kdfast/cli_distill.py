@@ -209,10 +209,13 @@ def _train_loss(args: argparse.Namespace, teacher):
     import kdfast
     from kdfast.cache import SoftTargetCache
 
+    temperature = args.temperature
+    if temperature is None:
+        temperature = 1.0 if args.kind == "logit_mse" else 4.0
     cache = SoftTargetCache(teacher, verify_on_open=False) if isinstance(teacher, str) else None
     if cache is None or cache.sparse_spec is None:
-        return kdfast.KDLoss(temperature=args.temperature, alpha=args.alpha, kind=args.kind)
-    return kdfast.SparseKDLoss(tail=args.tail, temperature=args.temperature, alpha=args.alpha, kind=args.kind,
+        return kdfast.KDLoss(temperature=temperature, alpha=args.alpha, kind=args.kind)
+    return kdfast.SparseKDLoss(tail=args.tail, temperature=temperature, alpha=args.alpha, kind=args.kind,
                                teacher_temperature=cache.teacher_temperature)
 
 
@@ -379,9 +382,11 @@ def add_commands(sub) -> None:
     src.add_argument("--cache", default=None, metavar="DIR", help="distill from this soft-target cache")
     src.add_argument("--teacher", action="append", default=None, metavar="CKPT",
                      help="distill from this teacher checkpoint, run live (repeat for an ensemble)")
-    train.add_argument("--temperature", type=float, default=4.0, help="T of the soft term (default 4)")
+    train.add_argument("--temperature", type=float, default=None,
+                       help="T of the soft term (default 4; 1 for --kind logit_mse, the only T it takes)")
     train.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term (default 0.9)")
-    train.add_argument("--kind", choices=("kl", "reverse_kl", "jsd"), default="kl", help="(default kl)")
+    train.add_argument("--kind", choices=("kl", "reverse_kl", "jsd", "logit_mse"), default="kl",
+                       help="(default kl; logit_mse needs --temperature 1)")
     train.add_argument("--tail", choices=("renormalize", "bucket"), default="renormalize",
                        help="with a sparse --cache: how the teacher's classes outside the stored ids "
                        "count (default renormalize; bucket needs a top-k cache built at this T)")

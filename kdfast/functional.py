@@ -39,6 +39,11 @@ def distillation_loss(
       beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q (in log space).
       Multiplied by T**2 when ``scale_by_t2`` (default), which keeps the soft gradients'
       magnitude independent of T, as the paper recommends.
+      ``"logit_mse"``: logit matching (Caruana et al. 2006), (1/(2C)) * sum_j (s^_j - t^_j)**2
+      with s^, t^ the student's and teacher's raw logits centred to zero mean over the row;
+      the limit of T**2 * KL(p||q) as T -> infinity (the paper's section 2.1), its gradient
+      (s^_j - t^_j)/C. It takes ``temperature=1`` only (ValueError otherwise) and T**2 is not
+      applied (``scale_by_t2`` has no effect).
     - ``hard_i``: cross-entropy of r against ``target`` with ``label_smoothing`` eps:
       (1-eps)*(-log r_y) + eps*mean_j(-log r_j).
     - ``loss_i = alpha*soft_i + (1-alpha)*hard_i``; rows whose target is ``ignore_index`` count
@@ -49,9 +54,9 @@ def distillation_loss(
         teacher_logits: same shape (a vocabulary mismatch raises: slice explicitly), any of
             those dtypes, must not require grad (detach it).
         target: ``(...)`` integer class indices in [0, C) or ``ignore_index``, or None.
-        temperature: T > 0, default 1.0.
+        temperature: T > 0, default 1.0; must be 1 for ``kind="logit_mse"``.
         alpha: weight of the soft term in [0, 1], default 0.5 (ignored without target).
-        kind: "kl" (default), "reverse_kl" or "jsd".
+        kind: "kl" (default), "reverse_kl", "jsd" or "logit_mse".
         beta: jsd's teacher weight in (0, 1), default 0.5.
         ignore_index: target value marking padding rows, default -100.
         label_smoothing: eps in [0, 1] for the hard term, default 0.0.
@@ -73,8 +78,9 @@ def distillation_loss(
         input dtype.
 
     Masked vocabulary: -inf teacher entries contribute nothing for "kl" and "jsd" (0 log 0 = 0);
-    for "reverse_kl" the loss is +inf wherever the student puts mass on them. NaN inputs give
-    NaN. Double backward is not supported.
+    for "reverse_kl" the loss is +inf wherever the student puts mass on them; for "logit_mse"
+    any non-finite teacher logit (-inf, +inf or NaN) makes its row's loss NaN (the row mean it is
+    centred by is not finite). NaN inputs give NaN. Double backward is not supported.
     """
     check_distillation_args(
         student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,

@@ -55,7 +55,7 @@ class KDLoss(nn.Module):
     """Knowledge-distillation loss module; arguments and defaults as in
     :func:`kdfast.distillation_loss` (temperature=1.0, alpha=0.5, kind="kl", beta=0.5,
     ignore_index=-100, label_smoothing=0.0, reduction="mean", scale_by_t2=True,
-    inplace=False).
+    inplace=False); ``kind="logit_mse"`` (logit matching) takes ``temperature=1`` only.
 
     ``forward(student_logits, teacher_logits, target=None)``. Every argument is checked when
     the module is built, so a bad value fails before training starts: a TypeError for a wrong

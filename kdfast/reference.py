@@ -46,6 +46,13 @@ def soft_rows(
     return beta * kl_pm + (1 - beta) * kl_qm
 
 
+def logit_mse_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-row logit matching (Caruana et al. 2006): (1/(2C)) * sum_j (s^_j - t^_j)**2, with
+    s^ and t^ the rows of the raw logits centred to zero mean."""
+    gap = (s - s.mean(-1, keepdim=True)) - (t - t.mean(-1, keepdim=True))
+    return gap.square().mean(-1) / 2
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -72,11 +79,14 @@ def distillation_loss(
     )
     s = student_logits.reshape(-1, n_cols).to(dtype)
     t = teacher_logits.reshape(-1, n_cols).to(dtype)
-    log_q = F.log_softmax(s / temperature, dim=-1)
-    log_p = F.log_softmax(t / temperature, dim=-1)
-    soft = soft_rows(log_p, log_q, kind, beta)
-    if scale_by_t2:
-        soft = soft * temperature**2
+    if kind == "logit_mse":
+        soft = logit_mse_rows(s, t)  # temperature is 1: T**2 changes nothing
+    else:
+        log_q = F.log_softmax(s / temperature, dim=-1)
+        log_p = F.log_softmax(t / temperature, dim=-1)
+        soft = soft_rows(log_p, log_q, kind, beta)
+        if scale_by_t2:
+            soft = soft * temperature**2
     if target is None:
         return reduce_rows(soft, None, reduction, batch_shape)
 
@@ -130,26 +140,40 @@ def eager_baseline(
     soft term scaled by T**2).
 
     ``F.kl_div(log_softmax(s/T), softmax(t/T), "batchmean") * T**2 + F.cross_entropy``; jsd
-    through the log-space mixture; ``label_smoothing`` goes to ``F.cross_entropy``. With the
+    through the log-space mixture; logit_mse as :func:`logit_mse_rows` (T = 1, no T**2);
+    ``label_smoothing`` goes to ``F.cross_entropy``. With the
     default ``ignore_index=None`` every row counts: the benchmark shape. An int marks padding
     rows: the soft term is then averaged per row over the counted rows (as
     ``F.cross_entropy(ignore_index=...)`` does for the hard term); if no row counts, the
     result is NaN (0/0), where :func:`distillation_loss` returns 0.
     """
-    T = temperature
-    log_q = F.log_softmax(student_logits / T, dim=-1)
-    log_p = F.log_softmax(teacher_logits / T, dim=-1)
-    if target is None or ignore_index is None:
-        soft = _eager_soft(log_p, log_q, kind, beta, "batchmean")
+    if kind == "logit_mse":
+        soft = _eager_logit_mse(student_logits, teacher_logits, target, ignore_index)
     else:
-        counted = (target != ignore_index).to(log_q.dtype)
-        soft = (_eager_soft(log_p, log_q, kind, beta, "none").sum(-1) * counted).sum() / counted.sum()
-    soft = soft * T * T
+        T = temperature
+        log_q = F.log_softmax(student_logits / T, dim=-1)
+        log_p = F.log_softmax(teacher_logits / T, dim=-1)
+        if target is None or ignore_index is None:
+            soft = _eager_soft(log_p, log_q, kind, beta, "batchmean")
+        else:
+            counted = (target != ignore_index).to(log_q.dtype)
+            soft = (_eager_soft(log_p, log_q, kind, beta, "none").sum(-1) * counted).sum() / counted.sum()
+        soft = soft * T * T
     if target is None:
         return soft
     hard = F.cross_entropy(student_logits, target, label_smoothing=label_smoothing,
                            ignore_index=-100 if ignore_index is None else ignore_index)
     return alpha * soft + (1 - alpha) * hard
+
+
+def _eager_logit_mse(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None,
+                     ignore_index: int | None) -> torch.Tensor:
+    """logit_mse's soft term averaged over the (counted) rows."""
+    rows = logit_mse_rows(s, t)
+    if target is None or ignore_index is None:
+        return rows.mean()
+    counted = (target != ignore_index).to(rows.dtype)
+    return (rows * counted).sum() / counted.sum()
 
 
 def _eager_soft(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float, reduction: str

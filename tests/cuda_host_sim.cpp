@@ -5,8 +5,8 @@
 // kernels run, compiled here as host C++) with one std::thread per simulated GPU thread, and
 // compares loss and gradient with the CPU rows (csrc/cpu/rows.h, baseline build) over random
 // configurations: every dtype pair, C from 1 to 131,072, sub-warp groups of 4..32 lanes and
-// block groups of 64..1024 threads, the three kinds, T in {1, 2, 4, 3.7, 20}, alpha in {0, 0.5,
-// 1}, targets with ignored rows, label smoothing, no/out-of-place/in-place gradient, contiguous
+// block groups of 64..1024 threads, the four kinds (logit_mse at T = 1 only), T in {1, 2, 4,
+// 3.7, 20}, alpha in {0, 0.5, 1}, targets with ignored rows, label smoothing, no/out-of-place/in-place gradient, contiguous
 // and misaligned rows (vector head/body/tail and the scalar fallback), -inf teacher entries,
 // +-inf and NaN inputs.
 //
@@ -170,9 +170,9 @@ int simulate_rows(const cuda::KernelArgs& ka, int width, std::string* race) {
   int races = simulate_launch<A>(units, width, race, [&](int64_t unit, const auto& grp, int& parity) {
     cuda::rows::split_stats<S, T, Gd, A, V>(ka, unit, grp, parity);
   });
-  if (ka.params.kind == math::KIND_JSD) {
+  if (ka.params.kind == math::KIND_JSD || ka.params.kind == math::KIND_LOGIT_MSE) {
     races += simulate_launch<A>(units, width, race, [&](int64_t unit, const auto& grp, int& parity) {
-      cuda::rows::split_jsd<S, T, Gd, A, V>(ka, unit, grp, parity);
+      cuda::rows::split_soft<S, T, Gd, A, V>(ka, unit, grp, parity);
     });
   }
   races += simulate_launch<A>(units, width, race, [&](int64_t unit, const auto& grp, int&) {
@@ -501,13 +501,15 @@ int main(int argc, char** argv) {
       if (c.n_rows > 3) c.n_rows = 3;
     }
     if (c.n_cols <= 4099 && c.width > 128 && !coin(0.3)) c.width = 128;  // wide groups cost host threads
-    c.kind = pick({0, 1, 2});
+    c.kind = pick({0, 1, 2, 3});
     c.has_target = coin(0.75);
     c.ignored_rows = coin(0.4);
     c.nan_input = coin(0.08) && c.n_rows > 1;
     c.inf_input = coin(0.05);
-    c.masked_teacher = c.kind != 1 && coin(0.25);
-    c.temperature = pick_d({1.0, 1.0, 2.0, 4.0, 3.7, 20.0});
+    // -inf teacher entries: kl's and jsd's masked vocabulary (reverse_kl is +inf there and
+    // logit_mse NaN, which the inf inputs cover).
+    c.masked_teacher = (c.kind == math::KIND_KL || c.kind == math::KIND_JSD) && coin(0.25);
+    c.temperature = c.kind == math::KIND_LOGIT_MSE ? 1.0 : pick_d({1.0, 1.0, 2.0, 4.0, 3.7, 20.0});
     c.alpha = pick({0, 1, 2}) * 0.5;  // 0, 0.5, 1
     c.beta = pick({1, 2, 3}) * 0.25;
     c.smoothing = coin(0.4) ? 0.1 : 0.0;

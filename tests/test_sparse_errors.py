@@ -220,7 +220,7 @@ MODULE_BAD = [
     ("tail", None, TypeError, r"tail must be a str, one of \('renormalize', 'bucket'\), got NoneType None"),
     ("tail", "topk", ValueError, r"tail must be one of \('renormalize', 'bucket'\), got 'topk'"),
     ("kind", "jsd", ValueError, r"kind must be 'kl' with tail='renormalize'"),
-    ("kind", "kld", ValueError, r"kind must be one of \('kl', 'reverse_kl', 'jsd'\), got 'kld'"),
+    ("kind", "kld", ValueError, r"kind must be one of \('kl', 'reverse_kl', 'jsd', 'logit_mse'\), got 'kld'"),
     ("teacher_temperature", 0, ValueError, r"teacher_temperature must be finite and > 0, or None"),
     ("teacher_temperature", "1", TypeError, r"teacher_temperature must be a real number, got str"),
     ("temperature", -1.0, ValueError, r"temperature must be finite and > 0"),

@@ -57,17 +57,18 @@ __attribute__((always_inline)) inline void lane_exps(int64_t C, const float* s_t
                                                      float* e_a, float* e_b, float* e_s_own, float* z_a, float* z_b,
                                                      float* z_s, float* cross) {
   constexpr int L = kLanes;
+  constexpr bool teacher_exps = Kind != KIND_LOGIT_MSE;
   for (int64_t k = 0; k < C; ++k) {
 #pragma omp simd
     for (int r = 0; r < L; ++r) {
-      const ElemExps<float> e =
-          elem_exps<0, Separate>(s_t[k * L + r], t_t[k * L + r], inv_t, Shifts<float>{sh_a[r], sh_b[r], sh_s[r]});
+      const ElemExps<float> e = kind_exps<Kind, 0, Separate>(s_t[k * L + r], t_t[k * L + r], inv_t,
+                                                             Shifts<float>{sh_a[r], sh_b[r], sh_s[r]});
       e_a[k * L + r] = e.ea;
-      e_b[k * L + r] = e.eb;
+      if (teacher_exps) e_b[k * L + r] = e.eb;
       z_a[r] += e.ea;
-      z_b[r] += e.eb;
+      if (teacher_exps) z_b[r] += e.eb;
       if (Separate) e_s_own[k * L + r] = e.es, z_s[r] += e.es;
-      if (Kind != KIND_JSD) cross[r] += cross_term<Kind>(e);
+      if (Kind == KIND_KL || Kind == KIND_REVERSE_KL) cross[r] += cross_term<Kind>(e);
     }
   }
   if (!Separate) std::memcpy(z_s, z_a, L * sizeof(float));
@@ -91,6 +92,7 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
   const float eps = static_cast<float>(P.smoothing);
   const GradCoefs<float> gc = grad_coefs(P, C, 1.0f);
   const bool need_hard = P.hard_coef != 0.0;
+  const bool logit_mse = P.kind == KIND_LOGIT_MSE;
   // One row per lane leaves no per-element loop to specialize: softmax(s) gets exps of its
   // own whenever T != 1 (no squarings here).
   const HardExp hx{0, need_hard && !P.same_scale};
@@ -135,15 +137,21 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
     float s_y[L];
     for (int r = 0; r < L; ++r) s_y[r] = label[r] >= 0 ? s_t[label[r] * L + r] : 0.0f;
 
-    // Pass 1: maxima and (label smoothing) logit sums.
-    float max_s[L], max_t[L], sum_s[L];
-    for (int r = 0; r < L; ++r) max_s[r] = max_t[r] = neg_inf<float>(), sum_s[r] = 0.0f;
+    // Pass 1: maxima and (label smoothing, logit_mse) logit sums.
+    float max_s[L], max_t[L], sum_s[L], sum_t[L];
+    for (int r = 0; r < L; ++r) max_s[r] = max_t[r] = neg_inf<float>(), sum_s[r] = sum_t[r] = 0.0f;
     for (int64_t k = 0; k < C; ++k) {
 #pragma omp simd
       for (int r = 0; r < L; ++r) {
         max_s[r] = kd_max(max_s[r], s_t[k * L + r]);
         max_t[r] = kd_max(max_t[r], t_t[k * L + r]);
         sum_s[r] += s_t[k * L + r];
+      }
+    }
+    if (logit_mse) {
+      for (int64_t k = 0; k < C; ++k) {
+#pragma omp simd
+        for (int r = 0; r < L; ++r) sum_t[r] += t_t[k * L + r];
       }
     }
 
@@ -169,11 +177,20 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
     for (int r = 0; r < L; ++r) nm.set(r, row_norm(inv_t, max_s[r], max_t[r], z_a[r], z_b[r], z_s[r]));
 
     // The soft loss: kl / reverse_kl from the cross sum; jsd from a pass of its terms (its
-    // gradient ratio replaces e_b).
+    // gradient ratio replaces e_b); logit_mse from a pass of its centred gaps.
     float soft[L], row_kl[L];
-    if (P.kind != KIND_JSD) {
+    MseRow<float> mse[L];
+    if (P.kind == KIND_KL || P.kind == KIND_REVERSE_KL) {
 #pragma omp simd
       for (int r = 0; r < L; ++r) soft[r] = row_kl[r] = soft_from_cross(P.kind, cross[r], z_a[r], z_b[r]);
+    } else if (logit_mse) {
+      float sq[L];
+      for (int r = 0; r < L; ++r) mse[r] = mse_row(sum_s[r], sum_t[r], C), sq[r] = row_kl[r] = 0.0f;
+      for (int64_t k = 0; k < C; ++k) {
+#pragma omp simd
+        for (int r = 0; r < L; ++r) sq[r] += mse_terms(s_t[k * L + r], t_t[k * L + r], mse[r]).sq;
+      }
+      for (int r = 0; r < L; ++r) soft[r] = mse_soft(sq[r], mse[r]);
     } else {
       const float log_beta = static_cast<float>(P.log_beta);
       const float log1m_beta = static_cast<float>(P.log1m_beta);
@@ -204,10 +221,15 @@ int64_t run_rows_lanes(const RowsArgs& g, int64_t begin, int64_t end, float* scr
 #pragma GCC ivdep
           for (int r = 0; r < L; ++r) {
             const RowNorm<float> n = nm.at(r, inv_t);
-            const float ratio =
-                kKind == KIND_REVERSE_KL ? reverse_kl_ratio(s_t[k * L + r], t_t[k * L + r], n) : eb_k[r];
-            const float gk = grad_element(kKind, slot[r], eb_k[r], ratio, row_kl[r], es_k[r], n, gc,
-                                          label[r] == k32);
+            float gk;
+            if constexpr (kKind == KIND_LOGIT_MSE) {
+              const float gap = mse_terms(s_t[k * L + r], t_t[k * L + r], mse[r]).gap;
+              gk = grad_mse_element(gap, es_k[r], n, mse[r], gc, label[r] == k32);
+            } else {
+              const float ratio =
+                  kKind == KIND_REVERSE_KL ? reverse_kl_ratio(s_t[k * L + r], t_t[k * L + r], n) : eb_k[r];
+              gk = grad_element(kKind, slot[r], eb_k[r], ratio, row_kl[r], es_k[r], n, gc, label[r] == k32);
+            }
             slot[r] = counted[r] ? gk : 0.0f;
           }
         }

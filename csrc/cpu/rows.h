@@ -157,8 +157,10 @@ template <class F> __attribute__((always_inline)) inline void with_kind(int32_t 
     f(std::integral_constant<int32_t, KIND_KL>{});
   } else if (kind == KIND_REVERSE_KL) {
     f(std::integral_constant<int32_t, KIND_REVERSE_KL>{});
-  } else {
+  } else if (kind == KIND_JSD) {
     f(std::integral_constant<int32_t, KIND_JSD>{});
+  } else {
+    f(std::integral_constant<int32_t, KIND_LOGIT_MSE>{});
   }
 }
 
@@ -168,23 +170,25 @@ template <class A> struct ChunkSums { A z_a, z_b, z_s, cross; };
 // Pass 2's exps for elements [kb, kb1) of a chunk starting at k0 (sc, tc: the chunk in the
 // accumulation type), stashed for the gradient pass: e_a, e_b, and e_s when softmax(s) has
 // exps of its own. Kind and the hard term's exps are compile-time here so each loop carries
-// only the work its call needs (jsd: no cross sum; T == 1 or no hard term: no z_s).
+// only the work its call needs (jsd: no cross sum; T == 1 or no hard term: no z_s; logit_mse:
+// softmax(s)'s exps only).
 template <int Kind, int Squarings, bool Separate, class A>
 __attribute__((always_inline)) inline void chunk_exps(const A* sc, const A* tc, int64_t k0, int64_t kb,
                                                       int64_t kb1, A inv_t, Shifts<A> sh, A* e_a, A* e_b,
                                                       A* e_s_own, ChunkSums<A>& sums) {
   constexpr bool own_z_s = Squarings > 0 || Separate;
+  constexpr bool teacher_exps = Kind != KIND_LOGIT_MSE;
   A z_a = sums.z_a, z_b = sums.z_b, z_s = sums.z_s, cross = sums.cross;
 #pragma omp simd reduction(+ : z_a, z_b, z_s, cross)
   for (int64_t k = kb; k < kb1; ++k) {
-    const ElemExps<A> e = elem_exps<Squarings, Separate>(sc[k - k0], tc[k - k0], inv_t, sh);
+    const ElemExps<A> e = kind_exps<Kind, Squarings, Separate>(sc[k - k0], tc[k - k0], inv_t, sh);
     e_a[k] = e.ea;
-    e_b[k] = e.eb;
+    if (teacher_exps) e_b[k] = e.eb;
     if (Separate) e_s_own[k] = e.es;
     z_a += e.ea;
-    z_b += e.eb;
+    if (teacher_exps) z_b += e.eb;
     if (own_z_s) z_s += e.es;
-    if (Kind != KIND_JSD) cross += cross_term<Kind>(e);
+    if (Kind == KIND_KL || Kind == KIND_REVERSE_KL) cross += cross_term<Kind>(e);
   }
   sums = ChunkSums<A>{z_a, z_b, own_z_s ? z_s : z_a, cross};
 }
@@ -217,6 +221,34 @@ template <class A> RowScratch<A> row_scratch(A* scratch, int64_t C) {
                        reinterpret_cast<Scales<A>*>(records + n_chunks * kPartStatsElems)};
 }
 
+// logit_mse's second read of the row (the stashed s and t): its soft sum over the centred gaps
+// and, with grad_row, the gradient, chunk by chunk as for the other kinds. Without grad_row the
+// chunks' gradients are computed all the same and dropped, so the sum is bitwise the one of a
+// call with a gradient. y: the label, or -1 without a hard term. Returns the soft term.
+template <int Squarings, class A, class G>
+A logit_mse_pass(const A* s, const A* t, const RowScratch<A>& w, const A* e_s, const RowNorm<A>& n,
+                 const MseRow<A>& m, const GradCoefs<A>& gc, int64_t C, int64_t y, G* grad_row) {
+  const int64_t chunk_y = y >= 0 ? y / kRowChunk : -1;
+  alignas(64) A chunk[kRowChunk];
+  A sq = A(0);
+  for (int64_t c = 0; c < row_chunks(C); ++c) {
+    const int64_t k0 = c * kRowChunk, k1 = chunk_end(c, C);
+    const RowNorm<A> nc = part_norm(n, w.scales[c]);
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = k0; k < k1; ++k) {
+      const MseTerms<A> d = mse_terms(s[k], t[k], m);
+      sq += d.sq;
+      chunk[k - k0] = grad_mse_element(d.gap, stashed_hard_exp<Squarings>(w.e_a, e_s, k), nc, m, gc, false);
+    }
+    if (c == chunk_y) {
+      const A es_y = stashed_hard_exp<Squarings>(w.e_a, e_s, y);
+      chunk[y - k0] = grad_mse_element(mse_terms(s[y], t[y], m).gap, es_y, nc, m, gc, true);
+    }
+    if (grad_row) write_grad_row(grad_row + k0, chunk, k1 - k0);
+  }
+  return mse_soft(sq, m);
+}
+
 // Squarings: 1 or 2 when exp(s - max s) is e_a squared once or twice (T = 2 or 4), else 0.
 // A template parameter, so the exp loops and the gradient loop carry no run-time select of it
 // (-3 to -14 % per row, NOTES.md entry 14); run_rows_for dispatches on the call's value.
@@ -230,7 +262,8 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
   const A eps = static_cast<A>(P.smoothing);
   const GradCoefs<A> gc = grad_coefs(P, C, A(1));
   const bool need_hard = P.hard_coef != 0.0;
-  const bool need_logit_sum = need_hard && eps != A(0);
+  const bool logit_mse = P.kind == KIND_LOGIT_MSE;
+  const bool need_logit_sum = (need_hard && eps != A(0)) || logit_mse;
   const HardExp hx = hard_exp_mode(P);
   const bool separate = hx.separate;  // Squarings == hx.squarings (run_rows_for)
   const A* e_s = separate ? w.e_s_own : w.e_a;
@@ -276,10 +309,14 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
         cm_s = kd_max(cm_s, sc[k - k0]);
         cm_t = kd_max(cm_t, tc[k - k0]);
       }
-      A sum_s = A(0);
+      A sum_s = A(0), sum_t = A(0);
       if (need_logit_sum) {
 #pragma omp simd reduction(+ : sum_s)
         for (int64_t k = k0; k < k1; ++k) sum_s += sc[k - k0];
+      }
+      if (logit_mse) {
+#pragma omp simd reduction(+ : sum_t)
+        for (int64_t k = k0; k < k1; ++k) sum_t += tc[k - k0];
       }
       const Shifts<A> sh = shifts_of(cm_s, cm_t, inv_t);
       ChunkSums<A> sums{A(0), A(0), A(0), A(0)};
@@ -306,7 +343,7 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
           exps(kind_c, std::integral_constant<int, 0>{}, std::false_type{});
         }
       });
-      w.parts[c] = PartStats<A>{cm_s, cm_t, sums.z_a, sums.z_b, sums.z_s, sums.cross, sum_s};
+      w.parts[c] = PartStats<A>{cm_s, cm_t, sums.z_a, sums.z_b, sums.z_s, sums.cross, sum_s, sum_t};
     }
 
     // The row's statistics from the chunks' (kd_math.h step 2); each chunk's scales are kept
@@ -323,11 +360,12 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     const RowNorm<A> n = row_norm(inv_t, row.max_s, row.max_t, row.z_a, row.z_b, row.z_s);
 
     // The soft loss: kl and reverse_kl from the cross sum; jsd needs the finished normalizers
-    // inside its log mixture, so a pass over the stashed row (its ratio replaces e_b).
+    // inside its log mixture, so a pass over the stashed row (its ratio replaces e_b);
+    // logit_mse needs the row means, so its sum comes with the gradient below.
     A soft = A(0), row_kl = A(0);
-    if (P.kind != KIND_JSD) {
+    if (P.kind == KIND_KL || P.kind == KIND_REVERSE_KL) {
       soft = row_kl = soft_from_cross(P.kind, row.cross, row.z_a, row.z_b);
-    } else {
+    } else if (P.kind == KIND_JSD) {
       const A log_beta = static_cast<A>(P.log_beta), log1m_beta = static_cast<A>(P.log1m_beta);
       A kl_pm = A(0), kl_qm = A(0);
       for (int64_t c = 0; c < n_chunks; ++c) {
@@ -348,7 +386,10 @@ int64_t run_rows_typed(const RowsArgs& g, int64_t begin, int64_t end, A* scratch
     // The gradient from the stash only (so it is stored after every read of the student row,
     // which in-place mode overwrites), chunk by chunk into an L1 buffer (the label's element
     // put in place) and streamed out past the cache.
-    if (grad_row) {
+    if (logit_mse) {
+      soft = logit_mse_pass<Squarings>(s, t, w, e_s, n, mse_row(row.sum_s, row.sum_t, C), gc, C,
+                                       need_hard ? y : -1, grad_row);
+    } else if (grad_row) {
       const int64_t chunk_y = need_hard ? y / kRowChunk : -1;
       alignas(64) A chunk[kRowChunk];
       for (int64_t c = 0; c < n_chunks; ++c) {

@@ -16,16 +16,17 @@
 // Passes over the row (distill_rows.cuh; the steps are kd_math.h's, as on the CPU): 1. each
 // thread's maxima, exp sums and cross sum with online rescaling, merged across the group;
 // kl / reverse_kl have their soft loss from it; 2. jsd only: the sum of its log-mixture terms;
-// last: the gradient, exps recomputed relative to the row maxima. The CPU stashes its exps; a
+// last: the gradient, exps recomputed relative to the row maxima (logit_mse: with its sum of
+// centred squares, reduced after it). The CPU stashes its exps; a
 // GPU row of 32k-128k classes cannot stay in shared memory, and the kernel is memory-bound with
 // arithmetic headroom, so each pass re-reads s and t: kl and reverse_kl read a row twice (20
 // bytes of HBM traffic per fp32 element with the gradient), jsd three times (28 bytes).
 // Exps per element: pass 1 2-3 (+ about one per vector of rescaling while a thread's maxima
 // still rise); jsd's pass 2: 2 + 1 exp/1 log; the gradient pass: as pass 1 (+ jsd's mixture).
 // Large C with too few rows for the SMs (N < 2 x SMs): each row is split across up to 64 blocks
-// (segments of >= 4096 classes) in three stream-ordered kernels (statistics, jsd's sums,
-// gradient) that exchange 10 values per block through a small (N, splits) workspace; the
-// row's reads stay two (kl, reverse_kl) or three (jsd).
+// (segments of >= 4096 classes) in three stream-ordered kernels (statistics, jsd's or logit_mse's
+// soft sums, gradient) that exchange 11 values per block through a small (N, splits) workspace;
+// the row's reads stay two (kl, reverse_kl) or three (jsd, logit_mse).
 //
 // Loads are vectorized (16 bytes of the wider input per step: 4 x f32, 8 x 16-bit, 2 x f64) when
 // the student and teacher rows share their misalignment, after a scalar head that reaches
@@ -135,7 +136,7 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads, 1) distill_rows_block(con
 
 // Small N, large C: a.splits blocks per row, three stages (distill_rows.cuh, rows split across
 // groups); Stage picks the step.
-enum class Stage { kStats, kJsd, kFinish };
+enum class Stage { kStats, kSoft, kFinish };
 template <Stage kStage, class S, class T, class Gd, class A, int V>
 __global__ void __launch_bounds__(kMaxRowBlockThreads, 1) distill_split_rows(const KernelArgs a) {
   __shared__ A red[rows::kSmemValues];
@@ -145,8 +146,8 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads, 1) distill_split_rows(con
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
     if constexpr (kStage == Stage::kStats) {
       rows::split_stats<S, T, Gd, A, V>(a, unit, grp, parity);
-    } else if constexpr (kStage == Stage::kJsd) {
-      rows::split_jsd<S, T, Gd, A, V>(a, unit, grp, parity);
+    } else if constexpr (kStage == Stage::kSoft) {
+      rows::split_soft<S, T, Gd, A, V>(a, unit, grp, parity);
     } else {
       rows::split_finish<S, T, Gd, A, V>(a, unit, grp);
     }
@@ -191,8 +192,8 @@ void launch_typed(const KernelArgs& a, cudaStream_t stream) {
       const unsigned grid = static_cast<unsigned>(blocks);
       distill_split_rows<Stage::kStats, S, T, Gd, A, V><<<grid, threads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (a.params.kind == math::KIND_JSD) {
-        distill_split_rows<Stage::kJsd, S, T, Gd, A, V><<<grid, threads, 0, stream>>>(a);
+      if (a.params.kind == math::KIND_JSD || a.params.kind == math::KIND_LOGIT_MSE) {
+        distill_split_rows<Stage::kSoft, S, T, Gd, A, V><<<grid, threads, 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       distill_split_rows<Stage::kFinish, S, T, Gd, A, V><<<grid, threads, 0, stream>>>(a);

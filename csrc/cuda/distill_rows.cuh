@@ -14,6 +14,9 @@
 // the cross sum with online rescaling; pass 2: the gradient, exps recomputed relative to the
 // row maxima), jsd three times (its log mixture needs the finished normalizers: pass 2 sums its
 // terms, pass 3 writes the gradient). Without a gradient: once (kl, reverse_kl) or twice (jsd).
+// logit_mse twice (pass 1 adds the logit sums; pass 2 sums the centred squares along with the
+// gradient, or alone without one); rows split across groups three times (the sum of squares is
+// a stage of its own there, as jsd's sums).
 // HBM traffic per element, fp32 rows with a gradient: kl / reverse_kl 2 x 8 bytes read + 4
 // written = 20 bytes; jsd 28 bytes (rows that fit in L2 read back from it instead).
 #pragma once
@@ -166,6 +169,7 @@ KDFAST_DEV V group_allreduce(const Group& g, V v, int& parity, Merge merge) {
 }
 
 template <class A> struct JsdSums { A pm, qm; };
+template <class A> struct SquareSum { A sq; };  // logit_mse's soft sum, as a reduced struct
 
 // ---- the element loop of one pass ----
 // Calls f(k, s_k, t_k) for this thread's elements of the row; with kStore, f returns the
@@ -242,7 +246,8 @@ KDFAST_DEV void zero_row(Gd* gr, int C, int rank, int nthr) {
 template <class A>
 struct RowCtx {
   int32_t kind;
-  bool need_hard, smooth;
+  int n_cols;
+  bool need_hard, logit_sum;  // logit_sum: the student's logit sum (label smoothing, logit_mse)
   math::HardExp hx;
   A inv_t, weight, log_beta, log1m_beta;
   math::GradCoefs<A> gc;
@@ -252,8 +257,9 @@ KDFAST_DEV RowCtx<A> row_ctx(const KernelArgs& a, int C) {
   const math::Params& P = a.params;
   RowCtx<A> x;
   x.kind = P.kind;
+  x.n_cols = C;
   x.need_hard = P.hard_coef != 0.0;
-  x.smooth = x.need_hard && P.smoothing != 0.0;
+  x.logit_sum = (x.need_hard && P.smoothing != 0.0) || P.kind == math::KIND_LOGIT_MSE;
   x.hx = math::hard_exp_mode(P);
   x.inv_t = static_cast<A>(P.inv_temperature);
   x.weight = a.row_weight != nullptr ? static_cast<A>(*a.row_weight) : A(1);
@@ -295,18 +301,20 @@ KDFAST_DEV math::PartStats<A> segment_stats(const RowCtx<A>& x, const S* s, cons
       part = raise_part(part, nan_max(part.max_s, sk), nan_max(part.max_t, tk), x.inv_t, x.hx, x.kind);
       sh = shifts_of(part.max_s, part.max_t, x.inv_t);
     }
-    add_element(part, x.kind, elem_exps(sk, tk, x.inv_t, sh, x.hx), sk, x.smooth);
+    add_element(part, x.kind, elem_exps(sk, tk, x.inv_t, sh, x.hx), sk, tk, x.logit_sum);
   });
   return group_allreduce<A>(grp, part, parity, [&](const PartStats<A>& p, const PartStats<A>& q) {
     return merge_parts(p, q, x.inv_t, x.hx, x.kind);
   });
 }
 
-// The row's normalizers and soft loss from its statistics (jsd's soft loss comes later).
+// The row's normalizers and soft loss from its statistics (jsd's and logit_mse's soft loss
+// come later; logit_mse's row means from here).
 template <class A>
 struct RowSoft {
   math::RowNorm<A> n;
   math::Shifts<A> sh;
+  math::MseRow<A> mse;
   A soft, row_kl;
 };
 template <class A>
@@ -315,7 +323,9 @@ KDFAST_DEV RowSoft<A> row_soft(const RowCtx<A>& x, const math::PartStats<A>& st)
   RowSoft<A> r;
   r.n = row_norm(x.inv_t, st.max_s, st.max_t, st.z_a, st.z_b, st.z_s);
   r.sh = shifts_of(st.max_s, st.max_t, x.inv_t);
-  r.soft = r.row_kl = x.kind == KIND_JSD ? A(0) : soft_from_cross(x.kind, st.cross, st.z_a, st.z_b);
+  r.mse = mse_row(st.sum_s, st.sum_t, x.n_cols);
+  const bool from_cross = x.kind == KIND_KL || x.kind == KIND_REVERSE_KL;
+  r.soft = r.row_kl = from_cross ? soft_from_cross(x.kind, st.cross, st.z_a, st.z_b) : A(0);
   return r;
 }
 
@@ -341,12 +351,42 @@ KDFAST_DEV void set_jsd_soft(RowSoft<A>& r, const JsdSums<A>& js, const math::Pa
   r.row_kl = js.qm;
 }
 
-// The gradient of elements [k0, k1), exps recomputed relative to the row maxima.
+// logit_mse's sum of centred squares: the threads' parts reduced over the group.
+template <class A, class Group>
+KDFAST_DEV A reduce_squares(const Group& grp, SquareSum<A> part, int& parity) {
+  return group_allreduce<A>(grp, part, parity, [](const SquareSum<A>& p, const SquareSum<A>& q) {
+    return SquareSum<A>{p.sq + q.sq};
+  }).sq;
+}
+// The same over elements [k0, k1) in a pass of its own (a call without a gradient, and split
+// rows; with a gradient, segment_grad sums them on its way).
+template <class A, int V, class S, class T, class Group>
+KDFAST_DEV A segment_mse(const RowSoft<A>& r, const S* s, const T* t, int k0, int k1, const Group& grp, int& parity) {
+  SquareSum<A> part{A(0)};
+  row_loop<V, false, A>(s + k0, t + k0, static_cast<A*>(nullptr), k1 - k0, grp.rank, grp.width,
+                        [&](int, A sk, A tk) { part.sq += math::mse_terms(sk, tk, r.mse).sq; });
+  return reduce_squares(grp, part, parity);
+}
+
+// The gradient of elements [k0, k1), exps recomputed relative to the row maxima. Returns this
+// thread's part of logit_mse's sum of centred squares (0 for the other kinds), added in the
+// order of segment_mse's: the same element -> thread map, so the same sum. logit_mse has a loop
+// of its own: the other kinds' loop keeps its work, and neither holds the other's registers
+// (one loop for all spilled in split_finish's float64 kernel).
 template <class A, int V, class S, class T, class Gd, class Group>
-KDFAST_DEV void segment_grad(const RowCtx<A>& x, const RowSoft<A>& r, const S* s, const T* t, Gd* gr, int k0, int k1,
-                             int64_t y, const Group& grp) {
+KDFAST_DEV A segment_grad(const RowCtx<A>& x, const RowSoft<A>& r, const S* s, const T* t, Gd* gr, int k0, int k1,
+                          int64_t y, const Group& grp) {
   using namespace ::kdfast::math;
   const int label = x.need_hard ? static_cast<int>(y) - k0 : -1;
+  if (x.kind == KIND_LOGIT_MSE) {
+    SquareSum<A> part{A(0)};
+    row_loop<V, true, A>(s + k0, t + k0, gr + k0, k1 - k0, grp.rank, grp.width, [&](int k, A sk, A tk) -> A {
+      const MseTerms<A> d = mse_terms(sk, tk, r.mse);
+      part.sq += d.sq;
+      return grad_mse_element(d.gap, student_exps(sk, r.sh).es, r.n, r.mse, x.gc, k == label);
+    });
+    return part.sq;
+  }
   row_loop<V, true, A>(s + k0, t + k0, gr + k0, k1 - k0, grp.rank, grp.width, [&](int k, A sk, A tk) -> A {
     const ElemExps<A> e = elem_exps(sk, tk, x.inv_t, r.sh, x.hx);
     A ratio = A(0);
@@ -354,6 +394,7 @@ KDFAST_DEV void segment_grad(const RowCtx<A>& x, const RowSoft<A>& r, const S* s
     if (x.kind == KIND_JSD) ratio = jsd_terms(sk, tk, e.ea, e.eb, r.n, x.log_beta, x.log1m_beta).ratio;
     return grad_element(x.kind, e.ea, e.eb, ratio, r.row_kl, e.es, r.n, x.gc, k == label);
   });
+  return A(0);
 }
 
 template <class A>
@@ -365,7 +406,8 @@ KDFAST_DEV A row_loss_of(const KernelArgs& a, const RowCtx<A>& x, const RowSoft<
 // ---- one row per group ----
 // S, T: storage types of student and teacher rows; Gd: gradient storage; A: accumulation type;
 // V: elements per vector step. Every row that is not ignored does one group reduction (two for
-// jsd), whatever its gradient, so `parity` stays the same in every thread of the group.
+// jsd and logit_mse), whatever its gradient, so `parity` stays the same in every thread of the
+// group.
 template <class S, class T, class Gd, class A, int V, class Group>
 KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp, int& parity) {
   const int C = a.n_cols;
@@ -382,9 +424,13 @@ KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp, 
   const math::PartStats<A> st = segment_stats<A, V>(x, s, t, 0, C, grp, parity);
   RowSoft<A> r = row_soft(x, st);
   if (x.kind == math::KIND_JSD) set_jsd_soft(r, segment_jsd<A, V>(x, r, s, t, 0, C, grp, parity), a.params);
+  const bool logit_mse = x.kind == math::KIND_LOGIT_MSE;
   if (gr != nullptr) {
     grp.sync();
-    segment_grad<A, V>(x, r, s, t, gr, 0, C, y, grp);
+    const A squares = segment_grad<A, V>(x, r, s, t, gr, 0, C, y, grp);
+    if (logit_mse) r.soft = math::mse_soft(reduce_squares(grp, SquareSum<A>{squares}, parity), r.mse);
+  } else if (logit_mse) {
+    r.soft = math::mse_soft(segment_mse<A, V>(r, s, t, 0, C, grp, parity), r.mse);
   }
   if (grp.rank == 0) static_cast<A*>(a.loss_rows)[row] = row_loss_of(a, x, r, s_y, st.sum_s);
 }
@@ -392,10 +438,16 @@ KDFAST_DEV void process_row(const KernelArgs& a, int64_t row, const Group& grp, 
 // ---- rows split across groups ----
 // For small N with large C: a.splits groups (blocks) per row, each one unit of work over its
 // segment of a.split_cols classes. Three kernels (stages) in stream order: statistics
-// (split_stats), jsd's sums (split_jsd, jsd only), gradient and loss (split_finish). Units
-// exchange their results through a.records (kRecordValues per unit), which every later stage
-// folds in split order, so every group of a row sees the same row statistics.
-constexpr int kRecordValues = 10;  // PartStats (7), the label logit, jsd's two sums
+// (split_stats), the soft sums (split_soft: jsd's two, logit_mse's sum of centred squares; those
+// kinds only), gradient and loss (split_finish). Units exchange their results through a.records
+// (kRecordValues per unit), which every later stage folds in split order, so every group of a
+// row sees the same row statistics.
+// A unit's record: its PartStats, the label logit, the soft sums.
+constexpr int kStatsValues = 8;
+static_assert(sizeof(math::PartStats<float>) == kStatsValues * sizeof(float), "record layout");
+constexpr int kLabelValue = kStatsValues;
+constexpr int kSoftValues = kStatsValues + 1;  // jsd: pm, qm; logit_mse: the squares
+constexpr int kRecordValues = kStatsValues + 3;
 
 // The row's target (-1 without one); false for an ignored row or a bad target (both already
 // handled by the first stage).
@@ -420,7 +472,7 @@ KDFAST_DEV math::PartStats<A> fold_records(const KernelArgs& a, const RowCtx<A>&
     math::PartStats<A> part;
     memcpy(&part, rec, sizeof(part));
     st = math::merge_parts(st, part, x.inv_t, x.hx, x.kind);
-    *s_y += rec[7];  // only the unit holding the label wrote a non-zero
+    *s_y += rec[kLabelValue];  // only the unit holding the label wrote a non-zero
   }
   return st;
 }
@@ -448,12 +500,13 @@ KDFAST_DEV void split_stats(const KernelArgs& a, int64_t unit, const Group& grp,
     A* rec = unit_record<A>(a, unit);
     memcpy(rec, &st, sizeof(st));
     // Read here, before any unit writes a gradient (in place: over the student).
-    rec[7] = x.need_hard && y >= k0 && y < k1 ? widen<A>(s[y]) : A(0);
+    rec[kLabelValue] = x.need_hard && y >= k0 && y < k1 ? widen<A>(s[y]) : A(0);
   }
 }
 
+// jsd's or logit_mse's soft sums of the unit's segment.
 template <class S, class T, class Gd, class A, int V, class Group>
-KDFAST_DEV void split_jsd(const KernelArgs& a, int64_t unit, const Group& grp, int& parity) {
+KDFAST_DEV void split_soft(const KernelArgs& a, int64_t unit, const Group& grp, int& parity) {
   const auto [row, k0, k1] = unit_of(a, unit);
   int64_t y;
   if (!row_target_ok(a, row, &y)) return;  // done in split_stats
@@ -462,11 +515,17 @@ KDFAST_DEV void split_jsd(const KernelArgs& a, int64_t unit, const Group& grp, i
   const RowCtx<A> x = row_ctx<A>(a, a.n_cols);
   A s_y;
   const RowSoft<A> r = row_soft(x, fold_records(a, x, row, &s_y));
-  const JsdSums<A> js = segment_jsd<A, V>(x, r, s, t, k0, k1, grp, parity);
+  A sums[2] = {A(0), A(0)};
+  if (x.kind == math::KIND_JSD) {
+    const JsdSums<A> js = segment_jsd<A, V>(x, r, s, t, k0, k1, grp, parity);
+    sums[0] = js.pm, sums[1] = js.qm;
+  } else {
+    sums[0] = segment_mse<A, V>(r, s, t, k0, k1, grp, parity);
+  }
   if (grp.rank == 0) {
     A* rec = unit_record<A>(a, unit);
-    rec[8] = js.pm;
-    rec[9] = js.qm;
+    rec[kSoftValues] = sums[0];
+    rec[kSoftValues + 1] = sums[1];
   }
 }
 
@@ -482,14 +541,18 @@ KDFAST_DEV void split_finish(const KernelArgs& a, int64_t unit, const Group& grp
   A s_y;
   const math::PartStats<A> st = fold_records(a, x, row, &s_y);
   RowSoft<A> r = row_soft(x, st);
-  if (x.kind == math::KIND_JSD) {
-    JsdSums<A> js{A(0), A(0)};
+  if (x.kind == math::KIND_JSD || x.kind == math::KIND_LOGIT_MSE) {
+    A sums[2] = {A(0), A(0)};
     for (int sp = 0; sp < a.splits; ++sp) {
       const A* rec = unit_record<A>(a, row * a.splits + sp);
-      js.pm += rec[8];
-      js.qm += rec[9];
+      sums[0] += rec[kSoftValues];
+      sums[1] += rec[kSoftValues + 1];
     }
-    set_jsd_soft(r, js, a.params);
+    if (x.kind == math::KIND_JSD) {
+      set_jsd_soft(r, JsdSums<A>{sums[0], sums[1]}, a.params);
+    } else {
+      r.soft = math::mse_soft(sums[0], r.mse);
+    }
   }
   if (gr != nullptr) segment_grad<A, V>(x, r, s, t, gr, k0, k1, y, grp);
   if (grp.rank == 0 && k0 == 0) static_cast<A*>(a.loss_rows)[row] = row_loss_of(a, x, r, s_y, st.sum_s);

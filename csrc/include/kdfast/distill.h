@@ -34,7 +34,7 @@ namespace kdfast {
 struct DistillOptions {
   double temperature = 1.0;       // T > 0, finite
   double alpha = 0.5;             // weight of the soft term, in [0, 1]; ignored without target
-  std::string kind = "kl";        // "kl", "reverse_kl" or "jsd"
+  std::string kind = "kl";        // "kl", "reverse_kl", "jsd" or "logit_mse" (temperature 1)
   double beta = 0.5;              // jsd's teacher weight, in (0, 1)
   int64_t ignore_index = -100;    // target value of padding rows
   double label_smoothing = 0.0;   // epsilon of the hard term, in [0, 1]
@@ -75,6 +75,10 @@ struct DistillResult {
 //                        computed in log space
 //           times T^2 when scale_by_t2 (default): the soft gradients scale as 1/T^2, so T^2
 //           keeps their weight against the hard term independent of T (Hinton et al., sec. 2).
+//           "logit_mse"  (1 / (2C)) * sum_j (s^_j - t^_j)^2, s^ and t^ the rows centred to zero
+//                        mean (Caruana et al. 2006 logit matching; the T -> infinity limit of
+//                        T^2 KL(p || q)); needs temperature == 1, scale_by_t2 has no effect, and
+//                        a non-finite teacher logit makes its row's loss NaN.
 //   hard_i = (1 - eps) * (-log r_y) + eps * mean_j(-log r_j), y = target_i,
 //            eps = label_smoothing
 //   loss_i = alpha * soft_i + (1 - alpha) * hard_i with a target; rows whose target is

@@ -19,6 +19,10 @@
 //      (soft_from_cross), jsd from a sum of jsd_terms over the row.
 //   4. The gradient element by element (GradCoefs, grad_kl_element, grad_mode_seeking_element,
 //      hard_grad_part) and the row loss (hard_loss, row_loss).
+// logit_mse (Caruana et al. 2006, logit matching; T = 1) takes the same steps with other terms:
+// step 1 sums the raw logits of s and t (softmax(s)'s exps only for the hard term: student_exps),
+// step 3 is a sum of mse_terms over the row, centred by the row means (mse_row), and step 4 is
+// grad_mse_element.
 #pragma once
 
 #include <math.h>
@@ -33,7 +37,7 @@
 namespace kdfast {
 namespace math {
 
-enum Kind : int32_t { KIND_KL = 0, KIND_REVERSE_KL = 1, KIND_JSD = 2 };
+enum Kind : int32_t { KIND_KL = 0, KIND_REVERSE_KL = 1, KIND_JSD = 2, KIND_LOGIT_MSE = 3 };
 
 // Scalar parameters of one call, resolved on the host (see make_params).
 struct Params {
@@ -345,6 +349,27 @@ template <class A> KD_HD ElemExps<A> elem_exps(A s, A t, A inv_t, const Shifts<A
   return h.separate ? elem_exps<0, true>(s, t, inv_t, sh) : elem_exps<0, false>(s, t, inv_t, sh);
 }
 
+// logit_mse's exps (T = 1): softmax(s)'s only, for the hard term (e_a = e_s, as any T = 1 call
+// has them); its soft term needs no exp of the teacher, so e_b and the cross sum stay 0.
+template <class A> KD_HD ElemExps<A> student_exps(A s, const Shifts<A>& sh) {
+  ElemExps<A> e;
+  e.xa = s - sh.s;
+  e.xb = A(0);
+  e.ea = exp_nonpos(e.xa);
+  e.eb = A(0);
+  e.es = e.ea;
+  return e;
+}
+// The exps a call of kind Kind needs, the kind fixed at compile time (the CPU loops).
+template <int32_t Kind, int Squarings, bool Separate, class A>
+KD_HD ElemExps<A> kind_exps(A s, A t, A inv_t, const Shifts<A>& sh) {
+  if constexpr (Kind == KIND_LOGIT_MSE) {
+    return student_exps(s, sh);
+  } else {
+    return elem_exps<Squarings, Separate>(s, t, inv_t, sh);
+  }
+}
+
 // The cross sum's term. kl: e_b (x_b - x_a), since log p_k - log q_k = x_b - x_a + log z_a -
 // log z_b, so KL(p||q) = cross / z_b + log z_a - log z_b with nothing large cancelling (huge
 // logits included). reverse_kl: e_a (x_a - x_b), the mirror image. jsd has none (0).
@@ -366,24 +391,29 @@ template <class A> KD_HD A cross_term(int32_t kind, const ElemExps<A>& e) {
 }
 
 // Statistics of a part of a row: maxima of the raw logits, exp sums relative to
-// shifts_of(max_s, max_t), the cross sum in the same frame, and the logit sum.
+// shifts_of(max_s, max_t), the cross sum in the same frame, and the logit sums (the student's
+// for label smoothing and logit_mse, the teacher's for logit_mse only; plain sums, which need
+// no rescaling).
 template <class A> struct PartStats {
   A max_s, max_t;
   A z_a, z_b, z_s;
   A cross;
   A sum_s;
+  A sum_t;
 };
 template <class A> KD_HD PartStats<A> empty_part() {
-  return PartStats<A>{neg_inf<A>(), neg_inf<A>(), A(0), A(0), A(0), A(0), A(0)};
+  return PartStats<A>{neg_inf<A>(), neg_inf<A>(), A(0), A(0), A(0), A(0), A(0), A(0)};
 }
-// Adds one element's exps (computed against this part's shifts).
+// Adds one element's exps (computed against this part's shifts) and, with need_sum, its student
+// logit s; logit_mse also its teacher logit t.
 template <class A>
-KD_HD void add_element(PartStats<A>& p, int32_t kind, const ElemExps<A>& e, A s, bool need_sum) {
+KD_HD void add_element(PartStats<A>& p, int32_t kind, const ElemExps<A>& e, A s, A t, bool need_sum) {
   p.z_a += e.ea;
   p.z_b += e.eb;
   p.z_s += e.es;
   p.cross += cross_term(kind, e);
   if (need_sum) p.sum_s += s;
+  if (kind == KIND_LOGIT_MSE) p.sum_t += t;
 }
 
 // ---- step 2: online rescaling ----
@@ -419,6 +449,7 @@ template <class A> KD_HD void add_scaled(PartStats<A>& total, const PartStats<A>
   total.z_s += sc.r_s * p.z_s;
   total.cross += rescaled_cross(kind, p, sc);
   total.sum_s += p.sum_s;
+  total.sum_t += p.sum_t;
 }
 // The union of two parts. Bitwise commutative (each side's contribution depends only on itself
 // and the common maxima, and IEEE addition commutes), so every lane of a butterfly all-reduce
@@ -479,6 +510,26 @@ template <class A> KD_HD A jsd_soft(A kl_pm, A kl_qm, A beta) { return beta * kl
 // reverse_kl's gradient ratio log q_k - log p_k, from the raw logits.
 template <class A> KD_HD A reverse_kl_ratio(A s, A t, RowNorm<A> n) { return -log_ratio_pq(s, t, n); }
 
+// logit_mse: soft = 1/(2C) sum_k (s^_k - t^_k)^2, s^ and t^ the logits centred to zero mean over
+// the row. It is T^2 KL(p||q) in the limit T -> infinity (Hinton et al. 2015, section 2.1), and
+// its gradient (s^_k - t^_k)/C needs no exp (the mean of s^ - t^ is 0, so centring adds no term).
+// The row means from step 1's logit sums.
+template <class A> struct MseRow { A mean_s, mean_t, inv_c; };
+template <class A> KD_HD MseRow<A> mse_row(A sum_s, A sum_t, int64_t n_cols) {
+  const A c = static_cast<A>(n_cols);
+  return MseRow<A>{sum_s / c, sum_t / c, A(1) / c};
+}
+// One element's centred gap s^_k - t^_k and its square, the soft sum's term. Each logit is
+// centred before the difference: the sum is of squares of centred values, not sum d^2 - C mean^2
+// (which cancels catastrophically when the rows are far from zero mean). A non-finite logit
+// makes its row's means, and so every gap and the loss, non-finite (NaN for the loss).
+template <class A> struct MseTerms { A gap, sq; };
+template <class A> KD_HD MseTerms<A> mse_terms(A s, A t, MseRow<A> m) {
+  const A gap = (s - m.mean_s) - (t - m.mean_t);
+  return MseTerms<A>{gap, gap * gap};
+}
+template <class A> KD_HD A mse_soft(A sq_sum, MseRow<A> m) { return A(0.5) * sq_sum * m.inv_c; }
+
 // ---- step 4: the gradient ----
 // Per-call coefficients of d loss_i / d s_k.
 template <class A> struct GradCoefs {
@@ -521,7 +572,13 @@ KD_HD A grad_mode_seeking_element(A e_a, A ratio, A row_kl, A e_s, RowNorm<A> n,
   return g.soft_g * soft_grad_mode_seeking(e_a, ratio, row_kl, g.mode_weight, n) +
          hard_grad_part(e_s, n, g, at_label);
 }
-// Either kind's element (kl ignores ratio and row_kl; the mode-seeking kinds ignore e_b).
+// logit_mse: soft_g (s^_k - t^_k)/C + the hard part.
+template <class A>
+KD_HD A grad_mse_element(A gap, A e_s, RowNorm<A> n, MseRow<A> m, GradCoefs<A> g, bool at_label) {
+  return g.soft_g * (gap * m.inv_c) + hard_grad_part(e_s, n, g, at_label);
+}
+// kl's, reverse_kl's or jsd's element (kl ignores ratio and row_kl; the mode-seeking kinds
+// ignore e_b).
 template <class A>
 KD_HD A grad_element(int32_t kind, A e_a, A e_b, A ratio, A row_kl, A e_s, RowNorm<A> n, GradCoefs<A> g,
                      bool at_label) {
