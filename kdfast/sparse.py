@@ -128,10 +128,10 @@ def sparse_distillation_loss_inplace(
     """:func:`sparse_distillation_loss` (same keyword arguments) that writes the gradient into
     ``student_logits``' buffer during forward, as ``distillation_loss(..., inplace=True)``
     does: saves one N x C buffer and destroys the logits' values. float32/bfloat16/float64
-    CPU (or CUDA, with the CUDA kernels) students, eager mode, the compiled kernels; every row's ids and target are validated
-    before any row is written, and a student sharing memory with a teacher tensor or the
-    target raises ValueError. Backward scales the buffer in place and returns it as the
-    gradient (the fused output layer's contract)."""
+    CPU (or CUDA, with the CUDA kernels) students, eager mode, the compiled kernels; every
+    row's ids and target are validated before any row is written, and a student sharing
+    memory with a teacher tensor or the target raises ValueError. Backward scales the buffer
+    in place and returns it as the gradient (the fused output layer's contract)."""
     return _sparse_loss(student_logits, teacher, target, inplace=True, **kwargs)
 
 

@@ -98,7 +98,8 @@ def test_the_simulation_catches_a_broken_row(tmp_path, name):
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     (tmp_path / "tests").mkdir()
     shutil.copy(ROOT / SIM_SOURCE, tmp_path / SIM_SOURCE)
-    rows_file = "distill_rows.cuh" if name in ("dropped shuffle step", "removed reduction barrier") else "sparse_rows.cuh"
+    shared_reduction = name in ("dropped shuffle step", "removed reduction barrier")
+    rows_file = "distill_rows.cuh" if shared_reduction else "sparse_rows.cuh"
     rows = tmp_path / "csrc" / "cuda" / rows_file
     text = rows.read_text()
     assert text.count(old) == 1, f"mutation site not found once: {old!r}"
