@@ -1,7 +1,7 @@
 // Per-row math of the sparse distillation loss (kdfast.sparse_distillation_loss), shared by
-// its CPU rows (csrc/cpu/sparse_rows.h) and its CUDA rows (csrc/cuda/sparse_rows.cuh): the one definition of every
-// per-row step, built on kd_math.h's helpers. tests/test_shared_math.py checks that the
-// backends write no transcendental or formula of their own.
+// its CPU rows (csrc/cpu/sparse_rows.h) and its CUDA rows (csrc/cuda/sparse_rows.cuh): the one
+// definition of every per-row step, built on kd_math.h's helpers. tests/test_shared_math.py
+// checks that the backends write no transcendental or formula of their own.
 //
 // One row: s = student logits (C), K = the row's valid teacher ids, z_K the teacher's logits
 // there, T / T_t the student / teacher temperatures, tail = log sum_{j not in K} exp(z_j / T_t)
