@@ -287,7 +287,8 @@ KDFAST_DEV void sparse_row_mode(const SparseKernelArgs& a, int64_t row, int64_t 
 
 // One row per group. S: student storage, I: id type, Gd: gradient storage, A: accumulation type,
 // V: elements per vector step. Ignored rows (and a bad target: a device assert) take no
-// barrier, uniformly across the group.
+// barrier, uniformly across the group; their ids are not read (so not checked: the in-place
+// op's check before the launch covers them).
 template <class S, class I, class Gd, class A, int V, class Group>
 KDFAST_DEV void process_sparse_row(const SparseKernelArgs& a, int64_t row, const Group& g, int& parity) {
   int64_t y = -1;
