@@ -18,7 +18,8 @@
 // races: a value read in the same barrier interval as another thread wrote it, or written in the
 // interval another thread read or wrote it (atomic ORs of the bitmap excepted), is reported
 // whatever the host threads' timing, so a removed barrier fails deterministically
-// (tests/test_sparse_host_sim.py removes each and expects the failure).
+// (tests/test_sparse_host_sim.py removes each and expects the failure); a barrier not reached by
+// every thread of the group (a divergent __syncthreads) fails the run after a deadline.
 //
 // What it cannot check: the launch configuration, vector loads on the device, the memory model
 // of global memory; those need a GPU (tests/test_cuda.py).
@@ -26,7 +27,8 @@
 // Usage: sparse_host_sim [random cases] [seed]
 #include <algorithm>
 #include <atomic>
-#include <barrier>
+#include <chrono>
+#include <condition_variable>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -56,6 +58,36 @@ namespace {
 
 constexpr int kWarp = 32;
 
+// A barrier of n threads that reports a deadlock: broken row code can call barriers a different
+// number of times in different threads (a divergent __syncthreads, undefined on the GPU), which
+// would hang a std::barrier; this one fails the run after kDeadlineSeconds instead.
+class SimBarrier {
+ public:
+  static constexpr int kDeadlineSeconds = 60;
+  explicit SimBarrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const long gen = generation_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(kDeadlineSeconds), [&] { return generation_ != gen; })) {
+      std::printf("FAIL: a barrier was not reached by every thread (divergent barrier, deadlock)\n");
+      std::fflush(stdout);
+      std::_Exit(3);
+    }
+  }
+
+ private:
+  int n_, arrived_ = 0;
+  long generation_ = 0;
+  std::mutex m_;
+  std::condition_variable cv_;
+};
+
 // Who last accessed one shared-memory cell, for the race check.
 struct CellLog {
   int writer = -1;
@@ -69,8 +101,8 @@ struct CellLog {
 // What the threads of one simulated block share.
 struct Shared {
   int width, lanes;
-  std::barrier<> group_barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  SimBarrier group_barrier;
+  std::vector<std::unique_ptr<SimBarrier>> warp_barriers;
   std::vector<double> exchange;  // one shuffle slot per thread
   std::mutex mutex;
   std::vector<double> red;
@@ -82,7 +114,7 @@ struct Shared {
   Shared(int w, int l, int words)
       : width(w), lanes(l), group_barrier(w), exchange(w), red(cuda::rows::kSmemValues),
         red_log(cuda::rows::kSmemValues), bits(words), bits_log(words) {
-    for (int i = 0; i < w / l; ++i) warp_barriers.emplace_back(new std::barrier<>(l));
+    for (int i = 0; i < w / l; ++i) warp_barriers.emplace_back(new SimBarrier(l));
   }
   void race(const std::string& what) {
     std::lock_guard<std::mutex> lock(race_mutex);
@@ -125,7 +157,7 @@ struct SimGroup {
   A shfl_xor(A v, int offset) const {
     const int partner = rank ^ offset;
     if (offset >= lanes || partner / lanes != rank / lanes) sh->race("shuffle outside the warp");
-    std::barrier<>& warp = *sh->warp_barriers[rank / lanes];
+    SimBarrier& warp = *sh->warp_barriers[rank / lanes];
     double slot = 0.0;
     std::memcpy(&slot, &v, sizeof(A));
     sh->exchange[rank] = slot;

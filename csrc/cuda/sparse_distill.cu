@@ -76,7 +76,7 @@ struct SparseBlockGroup {
 // twice and the gradient written once, 3 x 4 = 12 bytes for fp32 (bf16 6, fp16 8 with its fp32
 // gradient, fp64 24); plus about 16 bytes per teacher slot. No N x C scratch.
 // __launch_bounds__(512, 1) as distill.cu's block kernels: room for the row code's registers
-// (ptxas, sm_80: 77-103 registers, no spills).
+// (ptxas -v, sm_80 / sm_90: 77-121 registers, no spills).
 template <class S, class I, class Gd, class A, int V>
 __global__ void __launch_bounds__(kMaxThreads, 1) sparse_rows_kernel(const SparseKernelArgs a) {
   __shared__ A red[rows::kSmemValues];
