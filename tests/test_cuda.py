@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.sparse import sparse_distillation_loss_inplace
 from tests.conftest import (
     IGNORE,
     KINDS,
@@ -280,7 +281,7 @@ def _sparse_loss_grad(student, teacher, target, dev, *, inplace=False, **kw):
     y = None if target is None else target.to(dev)
     if inplace:
         leaf.requires_grad_()
-        loss = kdfast.sparse_distillation_loss_inplace(leaf, _sparse_on(teacher, dev), y, **kw)
+        loss = sparse_distillation_loss_inplace(leaf, _sparse_on(teacher, dev), y, **kw)
     else:
         loss = kdfast.sparse_distillation_loss(leaf, _sparse_on(teacher, dev), y, **kw)
     (grad,) = torch.autograd.grad(loss, leaf, torch.ones_like(loss))
@@ -350,7 +351,7 @@ def test_cuda_sparse_bad_ids_raise_and_leave_the_student_untouched():
     s = student.to(dev).requires_grad_()
     saved = s.detach().clone()
     with pytest.raises(ValueError, match=r"teacher.indices\[4, 0\] = 2100 is out of range"):
-        kdfast.sparse_distillation_loss_inplace(s, _sparse_on(teacher._replace(indices=bad), dev))
+        sparse_distillation_loss_inplace(s, _sparse_on(teacher._replace(indices=bad), dev))
     assert torch.equal(s.detach(), saved)
 
 
@@ -381,9 +382,9 @@ def _sparse_opcheck_samples(dev):
     y = torch.tensor([0, 3, IGNORE, 10, 7, 1], device=dev)
     out = []
     for dtype, req in ((F32, True), (BF16, True), (F64, True), (F16, False)):
-        s = student.to(dtype).to(dev).requires_grad_(req)
+        s = student.to(dtype).to(dev).clone().requires_grad_(req)
         out.append((s, ids, logits, tail, y, 2.0, 1.5, 0.5, "kl", 0.5, IGNORE, 0.1, True, req))
-    s = student.to(dev).requires_grad_()
+    s = student.to(dev).clone().requires_grad_()
     out.append((s, ids.int(), logits, None, None, 1.0, 1.0, 0.5, "kl", 0.5, IGNORE, 0.0, True, True, True))
     out.append((s.detach(), ids, logits, tail, None, 4.0, 4.0, 0.5, "jsd", 0.5, IGNORE, 0.0, True, False))
     return out
