@@ -2,9 +2,9 @@
 kdfast.SparseKDLoss.
 
 The teacher is given at k classes per row (e.g. its top-k logits, as a soft-target cache
-stores them) instead of all C. CPU tensors go through the fused kernel
-(``torch.ops.kdfast.sparse_distill_fwd``, :mod:`kdfast.sparse_ops`); other devices, and builds
-without the compiled module, through the pure-PyTorch reference
+stores them) instead of all C. CPU tensors (and CUDA tensors, in builds with the CUDA kernels) go
+through the fused kernel (``torch.ops.kdfast.sparse_distill_fwd``, :mod:`kdfast.sparse_ops`);
+other devices, and builds without the compiled module, through the pure-PyTorch reference
 (:mod:`kdfast.reference_sparse`, autograd gives the gradient), with the same results.
 """
 
@@ -108,7 +108,9 @@ def sparse_distillation_loss(
 
     CPU tensors use the fused kernel: the student row is read once for all its normalizers,
     the gradient written once, nothing else N x C is allocated (double backward raises).
-    Other devices compute through :func:`kdfast.reference.sparse_distillation_loss`.
+    CUDA tensors too in builds with the CUDA kernels (the student row read twice; the ids'
+    range is checked here with a host sync). Other devices compute through
+    :func:`kdfast.reference.sparse_distillation_loss`.
     :func:`sparse_distillation_loss_inplace` writes the gradient into the student's buffer.
     """
     return _sparse_loss(
@@ -126,10 +128,10 @@ def sparse_distillation_loss_inplace(
     """:func:`sparse_distillation_loss` (same keyword arguments) that writes the gradient into
     ``student_logits``' buffer during forward, as ``distillation_loss(..., inplace=True)``
     does: saves one N x C buffer and destroys the logits' values. float32/bfloat16/float64
-    CPU students, eager mode, the compiled kernels; every row's ids and target are validated
-    before any row is written, and a student sharing memory with a teacher tensor or the
-    target raises ValueError. Backward scales the buffer in place and returns it as the
-    gradient (the fused output layer's contract)."""
+    CPU (or CUDA, with the CUDA kernels) students, eager mode, the compiled kernels; every
+    row's ids and target are validated before any row is written, and a student sharing
+    memory with a teacher tensor or the target raises ValueError. Backward scales the buffer
+    in place and returns it as the gradient (the fused output layer's contract)."""
     return _sparse_loss(student_logits, teacher, target, inplace=True, **kwargs)
 
 
@@ -140,16 +142,19 @@ def _sparse_loss(
     beta: float = 0.5, ignore_index: int = -100, label_smoothing: float = 0.0,
     reduction: str = "mean", scale_by_t2: bool = True,
 ) -> torch.Tensor:
-    use_op = HAS_EXTENSION and isinstance(student_logits, torch.Tensor) and student_logits.is_cpu
+    use_op = uses_sparse_op(student_logits)
     check_sparse_args(
         student_logits, teacher, target, tail=tail, temperature=temperature,
         teacher_temperature=teacher_temperature, alpha=alpha, kind=kind, beta=beta,
-        label_smoothing=label_smoothing, reduction=reduction, check_values=not use_op,
+        label_smoothing=label_smoothing, reduction=reduction,
+        # The CPU op validates the ids before writing; on CUDA the op's check is a device
+        # assert, so the ValueError comes from here (a host sync).
+        check_values=not (use_op and student_logits.is_cpu),
     )
     if not use_op:
         if inplace:
             raise RuntimeError("the in-place sparse loss needs the compiled kdfast._C kernels and CPU "
-                               "tensors")
+                               "or CUDA tensors")
         return reference.sparse_distillation_loss(
             student_logits, teacher, target, tail=tail, temperature=temperature,
             teacher_temperature=teacher_temperature, alpha=alpha, kind=kind, beta=beta,
@@ -177,6 +182,19 @@ def _sparse_loss(
     if reduction == "none":
         return loss_rows.reshape(student_logits.shape[:-1])
     return loss_rows.sum()
+
+
+def uses_sparse_op(student_logits: torch.Tensor) -> bool:
+    """Whether :func:`sparse_distillation_loss` runs ``torch.ops.kdfast.sparse_distill_fwd`` for
+    this student: the extension is built with a kernel for its device (CPU; CUDA when built
+    with the CUDA kernels)."""
+    if not HAS_EXTENSION or not isinstance(student_logits, torch.Tensor):
+        return False
+    if student_logits.is_cpu:
+        return True
+    return student_logits.is_cuda and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "kdfast::sparse_distill_fwd", "CUDA"
+    )
 
 
 def _sparse_loss_rows(

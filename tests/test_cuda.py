@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.sparse import sparse_distillation_loss_inplace
 from tests.conftest import (
     IGNORE,
     KINDS,
@@ -248,3 +249,155 @@ def test_cuda_linear_matches_cpu(dtype, form):
     tol = {F64: 1e-10, F32: 1e-4, BF16: 3e-2}[dtype]
     for cpu_value, dev_value in zip(*results, strict=True):
         torch.testing.assert_close(dev_value.double(), cpu_value.double(), rtol=tol, atol=tol)
+
+
+# ---- the sparse op (kdfast.sparse_distillation_loss; csrc/cuda/sparse_distill.cu) ----
+SPARSE_TAIL_KINDS = [("renormalize", "kl"), ("bucket", "kl"), ("bucket", "reverse_kl"), ("bucket", "jsd")]
+
+
+def _sparse_problem(batch, n_cols, k, *, dtype=F32, seed=0, t_t=1.5, ignored=True, **sparse_kw):
+    from tests.sparse_helpers import sparse_from_dense
+
+    g = gen(seed)
+    student = (3.0 * torch.randn(*batch, n_cols, generator=g, dtype=F64)).to(dtype)
+    dense = 3.0 * torch.randn(*batch, n_cols, generator=g, dtype=F64)
+    teacher = sparse_from_dense(dense, k, teacher_temperature=t_t, seed=seed, **sparse_kw)
+    teacher = kdfast.SparseTargets(teacher.indices, teacher.logits.float(), teacher.tail_logsumexp.float())
+    return student, teacher, make_target(batch, n_cols, "ignored" if ignored else "labels")
+
+
+def _sparse_f64(teacher):
+    return kdfast.SparseTargets(teacher.indices, teacher.logits.double(), teacher.tail_logsumexp.double())
+
+
+def _sparse_on(teacher, dev):
+    tail = teacher.tail_logsumexp
+    return kdfast.SparseTargets(teacher.indices.to(dev), teacher.logits.to(dev),
+                                None if tail is None else tail.to(dev))
+
+
+def _sparse_loss_grad(student, teacher, target, dev, *, inplace=False, **kw):
+    leaf = student.detach().clone().to(dev).requires_grad_(not inplace)
+    y = None if target is None else target.to(dev)
+    if inplace:
+        leaf.requires_grad_()
+        loss = sparse_distillation_loss_inplace(leaf, _sparse_on(teacher, dev), y, **kw)
+    else:
+        loss = kdfast.sparse_distillation_loss(leaf, _sparse_on(teacher, dev), y, **kw)
+    (grad,) = torch.autograd.grad(loss, leaf, torch.ones_like(loss))
+    return loss.detach().cpu(), grad.cpu()
+
+
+def _sparse_both(student, teacher, target, *, inplace=False, **kw):
+    """The sparse loss and gradient on the device vs the CPU op: float32 accumulation in both,
+    different summation orders (tolerances as the host simulation's)."""
+    dev, cpu = torch.device(DEVICE), torch.device("cpu")
+    loss_dev, grad_dev = _sparse_loss_grad(student, teacher, target, dev, inplace=inplace, **kw)
+    loss_cpu, grad_cpu = _sparse_loss_grad(student, teacher, target, cpu, **kw)
+    assert grad_dev.dtype == grad_cpu.dtype
+    wide = student.dtype == F64
+    t2 = kw.get("temperature", 1.0) ** 2
+    torch.testing.assert_close(loss_dev, loss_cpu, rtol=1e-10 if wide else 2e-5,
+                               atol=1e-12 if wide else 2e-5 * t2)
+    g_atol = (1e-10 if wide else 1e-4) * float(grad_cpu.abs().max()) + 1e-7
+    g_rtol = 1e-10 if wide else (8e-3 if student.dtype == BF16 else 5e-5)
+    torch.testing.assert_close(grad_dev.double(), grad_cpu.double(), rtol=g_rtol, atol=g_atol)
+
+
+@pytest.mark.parametrize("tail_kind", SPARSE_TAIL_KINDS, ids=lambda tk: "-".join(tk))
+@pytest.mark.parametrize("n_cols,k", [(10, 1), (10, 10), (1000, 8), (4099, 64), (4099, 4099)])
+def test_cuda_sparse_matches_cpu(tail_kind, n_cols, k):
+    tail, kind = tail_kind
+    student, teacher, y = _sparse_problem((2, 7), n_cols, k, seed=n_cols + k, empty_slots=min(k - 1, 2),
+                                          empty_rows=(3,))
+    for temperature, t_t, alpha, eps in ((1.0, 1.0, 0.5, 0.0), (2.0, 1.5, 0.0, 0.1), (3.7, 3.7, 1.0, 0.0),
+                                         (4.0, 2.0, 0.5, 0.1)):
+        _sparse_both(student, teacher, y, tail=tail, kind=kind, temperature=temperature,
+                     teacher_temperature=t_t, alpha=alpha, label_smoothing=eps, beta=0.3)
+    _sparse_both(student, teacher, None, tail=tail, kind=kind, temperature=20.0, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, F64])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_cuda_sparse_dtypes(dtype, index_dtype):
+    student, teacher, y = _sparse_problem((33,), 1025, 16, dtype=dtype, seed=5, index_dtype=index_dtype,
+                                          empty_slots=3)
+    if dtype == F64:
+        teacher = _sparse_f64(teacher)
+    _sparse_both(student, teacher, y, tail="bucket", kind="jsd", temperature=2.0, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F64])
+def test_cuda_sparse_inplace_matches_cpu(dtype):
+    student, teacher, y = _sparse_problem((9,), 3001, 40, dtype=dtype, seed=6, empty_slots=2)
+    if dtype == F64:
+        teacher = _sparse_f64(teacher)
+    _sparse_both(student, teacher, y, inplace=True, tail="bucket", kind="reverse_kl", temperature=2.0,
+                 alpha=0.7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 64, 131071])
+def test_cuda_sparse_large_vocabulary(k):
+    student, teacher, y = _sparse_problem((3,), 131071, k, dtype=BF16, seed=7, ignored=False)
+    _sparse_both(student, teacher, y, tail="bucket", kind="kl", temperature=2.0, label_smoothing=0.1)
+
+
+def test_cuda_sparse_bad_ids_raise_and_leave_the_student_untouched():
+    student, teacher, _ = _sparse_problem((6,), 2100, 5, seed=15)
+    dev = torch.device(DEVICE)
+    bad = teacher.indices.clone()
+    bad[4, 0] = 2100
+    s = student.to(dev).requires_grad_()
+    saved = s.detach().clone()
+    with pytest.raises(ValueError, match=r"teacher.indices\[4, 0\] = 2100 is out of range"):
+        sparse_distillation_loss_inplace(s, _sparse_on(teacher._replace(indices=bad), dev))
+    assert torch.equal(s.detach(), saved)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the device-side id check needs a GPU")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_sparse_bad_id_is_a_device_assert(inplace):
+    # The raw op checks ids on the device (no host sync): a device-side assert, which poisons
+    # the CUDA context, so it runs in its own process.
+    op = "sparse_distill_fwd_inplace" if inplace else "sparse_distill_fwd"
+    extra = "" if inplace else ", True"
+    code = (
+        "import torch, kdfast\n"
+        "s = torch.randn(4, 6, device='cuda')\n"
+        "ids = torch.tensor([[0, 1], [2, -1], [9, 3], [4, 5]], device='cuda')\n"
+        "z = torch.randn(4, 2, device='cuda')\n"
+        f"out = torch.ops.kdfast.{op}(s, ids, z, None, None, 1.0, 1.0, 0.5, 'kl', 0.5, -100, 0.0, "
+        f"True{extra})\n"
+        "torch.cuda.synchronize()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "assert" in proc.stderr.lower()
+
+
+def _sparse_opcheck_samples(dev):
+    student, teacher, _ = _sparse_problem((6,), 11, 4, seed=9, t_t=2.0, empty_slots=1, empty_rows=(3,))
+    ids, logits, tail = teacher.indices.to(dev), teacher.logits.to(dev), teacher.tail_logsumexp.to(dev)
+    y = torch.tensor([0, 3, IGNORE, 10, 7, 1], device=dev)
+    out = []
+    for dtype, req in ((F32, True), (BF16, True), (F64, True), (F16, False)):
+        s = student.to(dtype).to(dev).clone().requires_grad_(req)
+        out.append((s, ids, logits, tail, y, 2.0, 1.5, 0.5, "kl", 0.5, IGNORE, 0.1, True, req))
+    s = student.to(dev).clone().requires_grad_()
+    out.append((s, ids.int(), logits, None, None, 1.0, 1.0, 0.5, "kl", 0.5, IGNORE, 0.0, True, True, True))
+    out.append((s.detach(), ids, logits, tail, None, 4.0, 4.0, 0.5, "jsd", 0.5, IGNORE, 0.0, True, False))
+    return out
+
+
+@pytest.mark.parametrize("sample", range(6))
+def test_cuda_sparse_opcheck(sample):
+    torch.library.opcheck(torch.ops.kdfast.sparse_distill_fwd.default,
+                          _sparse_opcheck_samples(torch.device(DEVICE))[sample])
+
+
+def test_cuda_sparse_opcheck_inplace():
+    s, ids, logits, tail, y, *rest = _sparse_opcheck_samples(torch.device(DEVICE))[0]
+    for average_rows in (False, True):
+        args = (s.detach().clone(), ids, logits, tail, y, *rest[:-1], average_rows)
+        torch.library.opcheck(torch.ops.kdfast.sparse_distill_fwd_inplace.default, args)

@@ -21,6 +21,8 @@ BACKENDS = ["csrc/cpu/rows.h", "csrc/cpu/lanes.h", "csrc/cuda/distill_rows.cuh",
 SHARED = ROOT / "csrc" / "include" / "kdfast" / "kd_math.h"
 # The sparse-cache builder's rows: their math is kdfast/topk_math.h's (ranks, tail terms).
 BACKENDS += ["csrc/cpu/topk_rows.h", "csrc/cuda/topk_rows.cuh", "csrc/cuda/topk_targets.cu"]
+# The sparse op's CUDA rows and kernel: their math is sparse_math.h's.
+BACKENDS += ["csrc/cuda/sparse_rows.cuh", "csrc/cuda/sparse_distill.cu"]
 TOPK_SHARED = ROOT / "csrc" / "include" / "kdfast" / "topk_math.h"
 SPARSE_SHARED = ROOT / "csrc" / "include" / "kdfast" / "sparse_math.h"
 
@@ -31,9 +33,9 @@ INNER_HELPERS = [
     "to_acc_float", "exp", "expf", "log", "logf", "log1p", "log1pf", "__expf", "__logf",
     # kd_math.h's and sparse_math.h's inner helpers of the sparse rows
     "log_add_exp", "hard_loss_from_lse", "hard_grad_combine", "hard_grad_from_prob", "part_lse",
-    "make_bin", "hard_prob",
+    "make_bin", "hard_prob", "teacher_rescaled",
 ]
-SPARSE_INNER_HELPERS = INNER_HELPERS[-7:]
+SPARSE_INNER_HELPERS = INNER_HELPERS[-8:]
 # topk_math.h's inner helper: the backends read values back through rank_value.
 TOPK_INNER_HELPERS = ["key_value"]
 INNER_HELPERS += TOPK_INNER_HELPERS

@@ -1,5 +1,6 @@
 """GPU version of `kdfast bench`: CUDA-event timings of forward+backward for kdfast, the eager
-loss and torch.compile, with HBM copy bandwidth as the roofline. Exits 0 with a message when
+loss and torch.compile (and for the sparse loss, kdfast against its eager reference), with HBM
+copy bandwidth as the roofline. Exits 0 with a message when
 there is no CUDA device (so it can sit in any script).
 
     python benchmarks/gpu/bench_gpu.py [--out benchmarks/results/gpu]
@@ -69,6 +70,50 @@ def linear_rows(device: str, repeats: int) -> list[dict]:
     return rows
 
 
+SPARSE_SHAPES = ((4096, 1000), (1024, 32000), (256, 128256), (4096, 128256))
+SPARSE_KS = (8, 64)
+
+
+def sparse_rows(device: str, bandwidth: float, repeats: int) -> list[dict]:
+    """kdfast.sparse_distillation_loss (the CUDA sparse kernel) against its pure-PyTorch
+    reference: forward+backward from top-k teacher targets with a tail bucket. The roofline
+    counts the kernel's HBM traffic: the student row read twice and the gradient written once."""
+    import kdfast
+    from kdfast import reference
+
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        for n, c in SPARSE_SHAPES:
+            for k in SPARSE_KS:
+                gen = torch.Generator(device="cuda").manual_seed(0)
+                s = torch.randn(n, c, device="cuda", generator=gen).to(dtype).requires_grad_()
+                dense = torch.randn(n, c, device="cuda", generator=gen) * 2
+                top = dense.topk(k, dim=-1)
+                tail = dense.scatter(1, top.indices, float("-inf")).logsumexp(-1)
+                teacher = kdfast.SparseTargets(top.indices, top.values, tail)
+                y = torch.randint(0, c, (n,), device="cuda", generator=gen)
+                medians = {}
+                for provider, loss_fn in (("kdfast", kdfast.sparse_distillation_loss),
+                                          ("eager", reference.sparse_distillation_loss)):
+                    def step(loss_fn=loss_fn, s=s, teacher=teacher, y=y):
+                        loss = loss_fn(s, teacher, y, tail="bucket", temperature=2.0)
+                        torch.autograd.grad(loss, s)
+
+                    step()
+                    medians[provider] = statistics.median(cuda_ms(step, repeats))
+                moved = n * c * (2 * dtype.itemsize + dtype.itemsize)
+                roofline_ms = moved / (bandwidth * 1e9) * 1e3
+                for provider, ms in medians.items():
+                    rows.append({"device": device, "kind": f"sparse-kl-k{k}", "dtype": dtype_name, "rows": n,
+                                 "cols": c, "provider": provider, "median_ms": ms,
+                                 "speedup_vs_eager": medians["eager"] / ms,
+                                 "roofline_fraction": roofline_ms / ms})
+                ms = medians["kdfast"]
+                print(f"sparse k={k} {dtype_name} ({n}, {c}): kdfast {ms:.3f} ms, eager "
+                      f"{medians['eager']:.3f}, {100 * roofline_ms / ms:.0f}% of HBM roofline")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gpu")
@@ -110,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind:<4} {dtype_name} ({n}, {c}): kdfast {k:.3f} ms, eager "
                       f"{medians['eager']:.3f}, compiled {medians['compiled']:.3f}, "
                       f"{100 * roofline_ms / k:.0f}% of HBM roofline")
+    rows += sparse_rows(device, bandwidth, args.repeats)
     rows += linear_rows(device, args.repeats)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

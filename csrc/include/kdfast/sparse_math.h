@@ -1,7 +1,7 @@
 // Per-row math of the sparse distillation loss (kdfast.sparse_distillation_loss), shared by
-// its CPU rows (csrc/cpu/sparse_rows.h) and, later, its CUDA rows: the one definition of every
-// per-row step, built on kd_math.h's helpers. tests/test_shared_math.py checks that the
-// backends write no transcendental or formula of their own.
+// its CPU rows (csrc/cpu/sparse_rows.h) and its CUDA rows (csrc/cuda/sparse_rows.cuh): the one
+// definition of every per-row step, built on kd_math.h's helpers. tests/test_shared_math.py
+// checks that the backends write no transcendental or formula of their own.
 //
 // One row: s = student logits (C), K = the row's valid teacher ids, z_K the teacher's logits
 // there, T / T_t the student / teacher temperatures, tail = log sum_{j not in K} exp(z_j / T_t)
@@ -210,6 +210,25 @@ KD_HD A rest_grad_stashed(A stashed_a, A stashed_s, RestChunkFactors<A> f, A w_r
                           GradCoefs<A> g, bool at_label) {
   return rest_grad_from_exps<Squarings, Separate>(stashed_a * f.a, Separate ? stashed_s * f.s : A(0), w_rest, n,
                                                   g, at_label);
+}
+
+// ---- the teacher's normalizer in one pass over its k entries (the CUDA rows: each thread
+// its slots, then the group's union; the CPU rows take the maximum first instead) ----
+// max_a = max of a = z / T_t over the part, z = sum exp(a - max_a): merged with online
+// rescaling, bitwise commutative (a butterfly all-reduce ends equal in every lane). A part
+// with max_a = -inf (empty or all -inf) adds 0.
+template <class A> struct TeacherPart { A max_a, z; };
+template <class A> KD_HD TeacherPart<A> empty_teacher_part() { return TeacherPart<A>{neg_inf<A>(), A(0)}; }
+template <class A> KD_HD A teacher_rescaled(const TeacherPart<A>& p, A max_a) {
+  return p.max_a == neg_inf<A>() ? A(0) : p.z * exp_nonpos(p.max_a - max_a);
+}
+template <class A> KD_HD TeacherPart<A> merge_teacher_parts(const TeacherPart<A>& x, const TeacherPart<A>& y) {
+  const A m = nan_max(x.max_a, y.max_a);
+  return TeacherPart<A>{m, teacher_rescaled(x, m) + teacher_rescaled(y, m)};
+}
+// p plus one entry a = teacher_scaled(z_i, 1 / T_t).
+template <class A> KD_HD TeacherPart<A> add_teacher_entry(const TeacherPart<A>& p, A a) {
+  return merge_teacher_parts(p, TeacherPart<A>{a, A(1)});
 }
 
 }  // namespace math
