@@ -63,7 +63,7 @@ constexpr int kWarp = 32;
 // would hang a std::barrier; this one fails the run after kDeadlineSeconds instead.
 class SimBarrier {
  public:
-  static constexpr int kDeadlineSeconds = 60;
+  static constexpr int kDeadlineSeconds = 600;
   explicit SimBarrier(int n) : n_(n) {}
   void arrive_and_wait() {
     std::unique_lock<std::mutex> lock(m_);
@@ -408,7 +408,7 @@ void run_case(const Config& c) {
     ra.params = P;
     math::scale_params(ra.params, row_weight);
     ra.inv_teacher_temperature = 1.0 / c.teacher_temperature;
-    std::vector<A> scratch(cpu::sparse_scratch_elems(k) + 64);
+    std::vector<A> scratch(cpu::sparse_scratch_elems(C, k) + 64);
     cpu::baseline::run_sparse_rows(ra, 0, N, scratch.data());
   }
 
@@ -480,14 +480,7 @@ void run_case(const Config& c) {
     if (g_cpu == nullptr) continue;
     double g_max = 0.0;
     for (int j = 0; j < C; ++j) g_max = std::fmax(g_max, std::fabs(to_double(g_cpu[i * g_stride + j])));
-    // The CPU rows' label column without a hard term (alpha = 1) when the label is not in K:
-    // they take its soft gradient at s_y = 0 (sparse_rows.h reads s_y only for the hard term),
-    // the simulation's is right; skipped until that CPU bug is fixed.
-    bool y_in_k = false;
-    for (int j = 0; j < n_valid[i]; ++j) y_in_k = y_in_k || cpu::sparse_key_id(keys[i * k + j]) == target[i];
-    const int64_t cpu_bug_col = c.has_target && P.hard_coef == 0.0 && !y_in_k ? target[i] : -1;
     for (int j = 0; j < C; ++j) {
-      if (j == cpu_bug_col) continue;
       const double x = to_double(g_sim[i * g_stride + j]), y = to_double(g_cpu[i * g_stride + j]);
       if (!close(x, y, g_atol + g_row_tol * g_max, g_rtol)) {
         fail("grad[" + std::to_string(i) + "," + std::to_string(j) + "]: sim " + std::to_string(x) + " cpu " +

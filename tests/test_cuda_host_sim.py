@@ -58,7 +58,7 @@ def build_simulation(root: Path = ROOT) -> Path:
 
 
 def run_simulation(binary: Path, cases: int, seed: int) -> subprocess.CompletedProcess:
-    return subprocess.run([str(binary), str(cases), str(seed)], capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(binary), str(cases), str(seed)], capture_output=True, text=True, timeout=1800)
 
 
 def _check_simulation(request, cases: int, seed: int) -> None:

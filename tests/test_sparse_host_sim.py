@@ -59,7 +59,7 @@ def build_simulation(root: Path = ROOT) -> Path:
 
 
 def run_simulation(binary: Path, cases: int, seed: int) -> subprocess.CompletedProcess:
-    return subprocess.run([str(binary), str(cases), str(seed)], capture_output=True, text=True, timeout=900)
+    return subprocess.run([str(binary), str(cases), str(seed)], capture_output=True, text=True, timeout=1800)
 
 
 def test_cuda_sparse_rows_match_the_cpu_rows():

@@ -113,6 +113,22 @@ def test_float64_with_grad_output_and_3d_inputs(tail_kind, reduction):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("tail_kind", TAIL_KINDS, ids=[f"{t}-{k}" for t, k in TAIL_KINDS])
+def test_alpha_one_label_outside_the_teacher_ids(tail_kind):
+    # No hard term (alpha = 1) and a label not among the row's ids: the label's column takes
+    # the rest's soft gradient at its own logit (once computed at s_y = 0; found by the CUDA
+    # rows' host simulation).
+    tail, kind = tail_kind
+    student, dense, teacher = _inputs((6,), 50, 4, seed=11, dtype=F64)
+    ids = teacher.indices
+    target = torch.tensor([next(c for c in range(50) if c not in ids[i].tolist()) for i in range(6)])
+    kw = dict(tail=tail, kind=kind, temperature=2.0, teacher_temperature=1.5, alpha=1.0)
+    loss, grad = _loss_and_grad(kdfast.sparse_distillation_loss, student, teacher, target, **kw)
+    expected, expected_grad = _loss_and_grad(oracle_loss, student, dense, ids, target, **kw)
+    torch.testing.assert_close(loss, expected, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 8, 50_000])
 def test_vocabulary_50000_every_k(k):

@@ -206,7 +206,9 @@ int64_t run_sparse_rows_typed(const SparseRowsArgs& g, int64_t begin, int64_t en
     }
     const S* s_src = static_cast<const S*>(g.student) + i * g.student_row_stride;
     // Read before any gradient store: in-place mode writes the gradient over the student row.
-    const A s_y = need_hard ? to_acc<A>(s_src[y]) : A(0);
+    // Read whenever there is a label, hard term or not: write_sparse_grad gives the label's
+    // column (when not in K) its gradient from s_y.
+    const A s_y = y >= 0 ? to_acc<A>(s_src[y]) : A(0);
     bool y_in_k = false;
     for (int64_t j = 0; j < nk; ++j) {
       ks[j] = to_acc<A>(s_src[sparse_key_id(keys[j])]);
