@@ -5,16 +5,14 @@ preset's directory is refused."""
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
 from kdfast.cli import main  # noqa: E402
-from kdfast.lm import data  # noqa: E402
 from kdfast.lm import experiment as lm_experiment  # noqa: E402
 from kdfast.lm.train import LMTrainConfig  # noqa: E402
+from tests.lm_helpers import make_lm_data_dir  # noqa: E402
 
 VOCAB, SEQ = 150, 10
 
@@ -28,17 +26,7 @@ TINY = lm_experiment.LMPreset(
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                      max_position_embeddings=32, tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "teacher")
-    rng = np.random.default_rng(0)
-    arrays = {s: rng.integers(0, VOCAB, size=(n, SEQ)).astype(np.uint16)
-              for s, n in (("train", 8), ("valid", 2), ("test", 2))}
-    data.write_corpus(root, arrays, {"seq_len": SEQ, "vocab_size": VOCAB})
-    return root
+    return make_lm_data_dir(tmp_path_factory.mktemp("lm"), VOCAB, SEQ, {"train": 8, "valid": 2, "test": 2})
 
 
 def test_every_student_trains_and_the_results_are_written(data_dir, tmp_path):
