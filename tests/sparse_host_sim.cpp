@@ -48,9 +48,11 @@ static std::atomic<int> g_assert_hits{0};
   } while (0)
 
 #include "../csrc/cuda/sparse_rows.cuh"
+#include "host_sim_common.h"
 #include "kdfast/cpu_rows_api.h"
 
 using namespace kdfast;
+using namespace kdfast::host_sim;
 using math::bf16_bits;
 using math::f16_bits;
 
@@ -224,46 +226,6 @@ int simulate(const cuda::SparseKernelArgs& a, int width, std::string* race) {
   return shared.races.load();
 }
 
-// ---- storage conversions ----
-template <class T> T from_double(double v);
-template <> float from_double<float>(double v) { return static_cast<float>(v); }
-template <> double from_double<double>(double v) { return v; }
-template <> bf16_bits from_double<bf16_bits>(double v) {
-  bf16_bits b;
-  math::store_from_acc(&b, static_cast<float>(v));
-  return b;
-}
-// Normal-range values only (the test data): round to 10 mantissa bits.
-template <> f16_bits from_double<f16_bits>(double v) {
-  const float f = static_cast<float>(v);
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const int exp = static_cast<int>((u >> 23) & 0xff) - 127;
-  f16_bits h;
-  if (f == 0.0f || exp < -14) { h.x = static_cast<uint16_t>(sign); return h; }
-  const uint32_t mant = u & 0x7fffffu;
-  uint32_t rounded = (mant + 0xfffu + ((mant >> 13) & 1u)) >> 13;
-  int e = exp + 15;
-  if (rounded == 0x400u) { rounded = 0; ++e; }
-  h.x = static_cast<uint16_t>(sign | (static_cast<uint32_t>(e) << 10) | rounded);
-  return h;
-}
-template <class T> double to_double(T v) { return static_cast<double>(cuda::rows::widen<double>(v)); }
-
-template <class T> constexpr int32_t dtype_code() {
-  if constexpr (std::is_same_v<T, float>) return cpu::DT_F32;
-  if constexpr (std::is_same_v<T, bf16_bits>) return cpu::DT_BF16;
-  if constexpr (std::is_same_v<T, f16_bits>) return cpu::DT_F16;
-  return cpu::DT_F64;
-}
-template <class T> const char* dtype_name() {
-  if constexpr (std::is_same_v<T, float>) return "f32";
-  if constexpr (std::is_same_v<T, bf16_bits>) return "bf16";
-  if constexpr (std::is_same_v<T, f16_bits>) return "f16";
-  return "f64";
-}
-
 struct Config {
   int n_rows, n_cols, k, width;
   int kind;
@@ -288,12 +250,6 @@ std::string describe(const Config& c) {
                 c.scale_by_t2, c.grad_mode, c.off_s, c.off_g, c.pad_s, c.pad_g, c.bad_id_row,
                 static_cast<unsigned long long>(c.seed));
   return b;
-}
-
-bool close(double got, double want, double atol, double rtol) {
-  if (std::isnan(want) || std::isnan(got)) return std::isnan(want) && std::isnan(got);
-  if (std::isinf(want) || std::isinf(got)) return got == want;
-  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
 }
 
 int g_failures = 0;

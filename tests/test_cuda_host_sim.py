@@ -21,6 +21,7 @@ from tests.conftest import SIM_SUMMARY
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_SOURCE = ROOT / "tests" / "cuda_host_sim.cpp"
+SIM_HEADER = ROOT / "tests" / "host_sim_common.h"  # shared with tests/sparse_host_sim.cpp
 ROW_SOURCES = [ROOT / "csrc" / "cpu" / "isa" / "baseline.cpp"]
 CACHE = ROOT / "build" / "cuda_host_sim"
 CXX = os.environ.get("CXX", "g++")
@@ -35,7 +36,8 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"needs a C++ 
 def _tree_digest(root: Path) -> str:
     """Digest of the headers and sources the simulation compiles (csrc/ and the simulation)."""
     h = hashlib.sha256(" ".join([CXX, *FLAGS]).encode())
-    for path in sorted([*(root / "csrc").rglob("*"), root / "tests" / "cuda_host_sim.cpp"]):
+    for path in sorted([*(root / "csrc").rglob("*"), root / "tests" / "cuda_host_sim.cpp",
+                        root / "tests" / "host_sim_common.h"]):
         if path.is_file() and path.suffix in {".h", ".cuh", ".cpp"}:
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
@@ -100,6 +102,7 @@ def test_simulation_fails_on_broken_cuda_rows(mutation, tmp_path):
     shutil.copytree(ROOT / "csrc", tree / "csrc")
     (tree / "tests").mkdir()
     shutil.copy(SIM_SOURCE, tree / "tests" / "cuda_host_sim.cpp")
+    shutil.copy(SIM_HEADER, tree / "tests" / "host_sim_common.h")
     rows = tree / "csrc" / "cuda" / "distill_rows.cuh"
     old, new = MUTATIONS[mutation]
     text = rows.read_text()

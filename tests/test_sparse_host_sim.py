@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_SOURCE = "tests/sparse_host_sim.cpp"
+SIM_HEADER = "tests/host_sim_common.h"  # shared with tests/cuda_host_sim.cpp
 # The CPU rows the simulation compares with, compiled once per version of the CPU sources.
 CPU_SOURCE = "csrc/cpu/isa/baseline.cpp"
 CACHE = ROOT / "build" / "sparse_host_sim"
@@ -52,7 +53,7 @@ def build_simulation(root: Path = ROOT) -> Path:
     cpu_obj = CACHE / "cpu" / _digest(root, ["csrc/cpu", "csrc/include"], []) / "baseline.o"
     if not cpu_obj.exists():
         _compile([CXX, *FLAGS, include, "-c", str(root / CPU_SOURCE)], cpu_obj)
-    binary = CACHE / _digest(root, ["csrc"], [SIM_SOURCE]) / "sparse_host_sim"
+    binary = CACHE / _digest(root, ["csrc"], [SIM_SOURCE, SIM_HEADER]) / "sparse_host_sim"
     if not binary.exists():
         _compile([CXX, *FLAGS, include, str(root / SIM_SOURCE), str(cpu_obj), "-lmvec", "-lpthread"], binary)
     return binary
@@ -98,6 +99,7 @@ def test_the_simulation_catches_a_broken_row(tmp_path, name):
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     (tmp_path / "tests").mkdir()
     shutil.copy(ROOT / SIM_SOURCE, tmp_path / SIM_SOURCE)
+    shutil.copy(ROOT / SIM_HEADER, tmp_path / SIM_HEADER)
     shared_reduction = name in ("dropped shuffle step", "removed reduction barrier")
     rows_file = "distill_rows.cuh" if shared_reduction else "sparse_rows.cuh"
     rows = tmp_path / "csrc" / "cuda" / rows_file
