@@ -65,7 +65,7 @@ constexpr int kWarp = 32;
 // would hang a std::barrier; this one fails the run after kDeadlineSeconds instead.
 class SimBarrier {
  public:
-  static constexpr int kDeadlineSeconds = 600;
+  static constexpr int kDeadlineSeconds = 60;
   explicit SimBarrier(int n) : n_(n) {}
   void arrive_and_wait() {
     std::unique_lock<std::mutex> lock(m_);
