@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 #include "op_common.h"
@@ -62,23 +63,35 @@ const c10::TypedOperatorHandle<DistillInplaceSig>& distill_inplace_op() {
   return op;
 }
 
-// The default chunk: as many rows as keep the chunk's logit buffers (the student's, the
-// teacher's when computed from its hidden states, a float32 gradient for float16) within
-// 64 MiB: large enough that the matmuls run at full speed, small enough to stay far below the
-// N x C logits of a language model's batch (8192 x 128k float32 = 4 GiB).
-constexpr int64_t kChunkBudgetBytes = int64_t(64) << 20;
+// The default chunk: rows of equal count, as few chunks as keep each chunk's logit buffers
+// (the student's, the teacher's when computed from its hidden states, a float32 gradient for
+// float16) within 128 MiB, where a chunk may exceed that by up to 1/8 so that no chunk is a
+// sliver (4096 rows at 682.7 rows per budget: 6 chunks of 683, not 6 of 682 and one of 4).
+// Measured (benchmarks/NOTES.md 21): at 64 MiB, (4096, 128, 49152) lost 11-19 % to the
+// unfused path because the three matmuls of 341-row (682 for bf16) chunks run well below
+// their full-size speed; at 128 MiB the fused path is faster. Still far below the N x C logits
+// of a language model's batch (8192 x 128k float32 = 4 GiB).
+constexpr int64_t kChunkBudgetBytes = int64_t(128) << 20;
 
 int64_t default_chunk_rows(int64_t n_rows, int64_t n_cols, int64_t bytes_per_elem) {
-  const int64_t row_bytes = std::max<int64_t>(1, n_cols * bytes_per_elem);
-  const int64_t rows = std::max<int64_t>(1, kChunkBudgetBytes / row_bytes);
-  return std::min(rows, std::max<int64_t>(n_rows, 1));
+  if (n_rows <= 1) return 1;
+  const double row_bytes = double(std::max<int64_t>(1, n_cols * bytes_per_elem));
+  const double budget_rows = std::max(1.0, std::floor(double(kChunkBudgetBytes) / row_bytes));
+  const int64_t chunks =
+      std::max<int64_t>(1, int64_t(std::ceil(double(n_rows) / budget_rows - 0.125)));
+  return (n_rows + chunks - 1) / chunks;
 }
 
 bool given(const Opt& t) { return t.has_value() && t->defined(); }
 
-// One layer: logits = x @ w.T (+ b), as torch.nn.functional.linear computes them.
-at::Tensor layer_logits(const at::Tensor& x, const at::Tensor& w, const Opt& b) {
-  return given(b) ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+// One layer's logits x @ w.T (+ b), as torch.nn.functional.linear computes them, written into
+// `out` (rows of a chunk buffer reused across chunks).
+void layer_logits_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const Opt& b) {
+  if (given(b)) {
+    at::addmm_out(out, *b, x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
 }
 
 void check_layer(const char* x_name, const at::Tensor& x, const char* w_name,
@@ -109,6 +122,7 @@ struct LossArgs {
 struct Teacher {
   Opt logits, hidden, weight, bias;  // dense: logits, or hidden + weight (+ bias)
   Opt ids, sparse_logits, tail_lse;  // sparse: ids + their logits (+ the tail's logsumexp)
+  at::Tensor chunk_buffer;           // hidden form: one chunk's teacher logits, reused
 
   bool sparse() const { return given(ids); }
 
@@ -121,7 +135,9 @@ struct Teacher {
 
   at::Tensor dense_chunk(int64_t start, int64_t rows) const {
     if (given(logits)) return logits->narrow(0, start, rows);
-    return layer_logits(hidden->narrow(0, start, rows), *weight, bias);
+    at::Tensor out = chunk_buffer.narrow(0, 0, rows);
+    layer_logits_out(out, hidden->narrow(0, start, rows), *weight, bias);
+    return out;
   }
 
   Opt rows_of(const Opt& t, int64_t start, int64_t rows) const {
@@ -204,6 +220,16 @@ void accumulate(at::Tensor& sum, const at::Tensor& part, at::ScalarType acc_dtyp
   }
 }
 
+// The bias gradient of one chunk, the column sums of g. A wide g (float32/float64) goes
+// through a GEMV (g^T 1), 2-2.5x faster than at::sum over dim 0 here; a bfloat16 g is summed in
+// its own dtype (at::sum accumulates reduced floats in float32 and rounds once, like the
+// weight gradient's chunk products) and widened: 5x faster than at::sum to float32, which
+// converts element by element.
+at::Tensor chunk_bias_grad(const at::Tensor& g, at::ScalarType acc_dtype) {
+  if (g.scalar_type() == acc_dtype) return at::mv(g.t(), at::ones({g.size(0)}, g.options()));
+  return at::sum(g, 0).to(acc_dtype);
+}
+
 // Adds one chunk's contribution. `g` is d loss_i / d logits for the chunk's rows, already
 // scaled per row when the scale differs between rows; `uniform` (one element, or undefined
 // for 1) scales the chunk's hidden rows instead: N x H values, never the C-wide ones.
@@ -226,7 +252,7 @@ void add_chunk_grads(LayerGrads& acc, const at::Tensor& g, const at::Tensor& x,
     accumulate(acc.weight, at::mm(g.t(), xm), acc.acc_dtype);
   }
   if (acc.with_bias) {
-    at::Tensor d_b = at::sum(g, 0, false, acc.acc_dtype);
+    at::Tensor d_b = chunk_bias_grad(g, acc.acc_dtype);
     if (uniform.defined()) d_b.mul_(uniform);
     accumulate(acc.bias, d_b, acc.acc_dtype);
   }
@@ -243,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
     bool scale_by_t2, int64_t chunk_rows, bool compute_grad, const Opt& row_scale) {
   check_layer("student_hidden", hidden, "student_weight", weight, "student_bias", bias);
   const int64_t n_rows = hidden.size(0), n_cols = weight.size(0);
-  const Teacher teacher{teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                        teacher_ids, teacher_sparse_logits, tail_logsumexp};
+  Teacher teacher{teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                  teacher_ids, teacher_sparse_logits, tail_logsumexp, {}};
   const LossArgs loss_args{temperature, teacher_temperature, alpha, kind, beta, ignore_index,
                            label_smoothing, scale_by_t2};
   check_teacher(teacher, n_rows, n_cols);
@@ -275,10 +301,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
     acc.with_bias = given(bias);
     if (given(row_scale) && !per_row_scale) uniform = row_scale->reshape({}).to(acc_dtype);
   }
+  // One logits buffer for every chunk, from the CPU buffer pool: a fresh buffer per chunk
+  // would be mapped and first-touched each time (as many page faults as the unfused path's
+  // N x C logits), and a pooled one is already mapped on the next step.
+  const at::Tensor buffer = empty_output({std::min(rows, n_rows), n_cols}, hidden.options());
+  if (given(teacher_hidden)) {
+    teacher.chunk_buffer = empty_output({std::min(rows, n_rows), n_cols},
+                                        teacher_hidden->options());
+  }
   for (int64_t start = 0; start < n_rows; start += rows) {
     const int64_t len = std::min(rows, n_rows - start);
     const at::Tensor x = hidden.narrow(0, start, len);
-    at::Tensor logits = layer_logits(x, weight, bias);
+    at::Tensor logits = buffer.narrow(0, 0, len);  // rows [0, len): contiguous
+    layer_logits_out(logits, x, weight, bias);
     const Opt y = given(target) ? Opt(target->narrow(0, start, len)) : Opt();
     auto [loss, g] = teacher.run(logits, start, y, loss_args, compute_grad, in_place);
     loss_rows.narrow(0, start, len).copy_(loss);

@@ -4,7 +4,9 @@ dense kdfast op on the same (N, C) with the full teacher. fp32, forward+backward
 kind="kl", T = 2, alpha = 0.5, a target on every row.
 
 Timing as :mod:`kdfast.bench.report`: providers interleaved repeat by repeat in rotating
-order, warm-up steps (and compilation) excluded, medians and 20/80 % quantiles.
+order, warm-up steps (and compilation) excluded, medians and 20/80 % quantiles. Memory as
+there too: the peak extra resident set of one step (the student's gradient included), beside
+the size of that gradient (the issue's target for the fused op: extra memory = the gradient).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import kdfast
 from kdfast.bench import machine
 from kdfast.bench.providers import ALPHA, TEMPERATURE
+from kdfast.bench.report import MEMORY_MALLOC, TIMING_MALLOC, _peak_extra_bytes, _set_malloc
 from kdfast.reference import sparse_eager_baseline
 
 SPARSE_SHAPES = ((4096, 49152, 64), (1024, 128256, 128))
@@ -67,11 +70,14 @@ def make_sparse_step(provider: str) -> Callable:
     return step
 
 
-def time_sparse_case(rows: int, cols: int, k: int, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per forward+backward step of each provider, interleaved in rotating order."""
+def time_sparse_case(rows: int, cols: int, k: int, repeats: int,
+                     warmup: int = 2) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per forward+backward step of each provider, interleaved in rotating order, and
+    each provider's peak extra resident memory of one step in MB (nan where unmeasurable)."""
     inputs = sparse_inputs(rows, cols, k)
     steps = {p: make_sparse_step(p) for p in SPARSE_PROVIDERS}
     times: dict[str, list[float]] = {p: [] for p in SPARSE_PROVIDERS}
+    _set_malloc(*TIMING_MALLOC)
     for p in SPARSE_PROVIDERS:
         for _ in range(warmup):
             steps[p](*inputs)
@@ -81,7 +87,15 @@ def time_sparse_case(rows: int, cols: int, k: int, repeats: int, warmup: int = 2
             start = time.perf_counter()
             steps[p](*inputs)
             times[p].append(time.perf_counter() - start)
-    return times
+    memory = {}
+    _set_malloc(*MEMORY_MALLOC)
+    try:
+        for p in SPARSE_PROVIDERS:
+            peak = _peak_extra_bytes(steps[p], inputs)
+            memory[p] = float("nan") if peak is None else peak / 2**20
+    finally:
+        _set_malloc(*TIMING_MALLOC)
+    return times, memory
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -112,24 +126,27 @@ def run_sparse_report(
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, kdfast {info['kdfast']} "
         f"({info['cpu_isa']}), {threads} threads. Sparse rows: fp32, forward+backward, tail={TAIL!r}, "
         f"kind='kl', T = {TEMPERATURE:g}, alpha = {ALPHA:g}; medians (20-80 % quantiles) of {repeats} "
-        "interleaved repeats; x = speed-up of sparse kdfast.",
+        "interleaved repeats; x = speed-up of sparse kdfast; MB = peak extra resident memory of one "
+        "step, gradient included, against the fp32 gradient's own size.",
         "",
         "| N | C | k | sparse kdfast ms | eager ms | compiled ms | dense kdfast ms | x eager | x compiled "
-        "| x dense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| x dense | gradient MB | MB sparse / eager / compiled / dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     try:
         for n, c, k in shapes:
-            times = time_sparse_case(n, c, k, repeats)
+            times, memory = time_sparse_case(n, c, k, repeats)
             med = {p: statistics.median(t) for p, t in times.items()}
             for p, t in times.items():
                 rows_csv.append({"rows": n, "cols": c, "k": k, "threads": threads, "provider": p,
                                  "median_ms": med[p] * 1e3, "q20_ms": _quantile(t, 0.2) * 1e3,
-                                 "q80_ms": _quantile(t, 0.8) * 1e3})
+                                 "q80_ms": _quantile(t, 0.8) * 1e3, "peak_extra_mb": memory[p]})
 
             ratios = [med[p] / med["sparse_kdfast"] for p in SPARSE_PROVIDERS[1:]]
+            gradient_mb = n * c * 4 / 2**20
             lines.append(f"| {n} | {c} | {k} | " + " | ".join(_cell(times[p]) for p in SPARSE_PROVIDERS)
-                         + " | " + " | ".join(f"{x:.1f}" for x in ratios) + " |")
+                         + " | " + " | ".join(f"{x:.1f}" for x in ratios) + f" | {gradient_mb:.0f} | "
+                         + " / ".join(f"{memory[p]:.0f}" for p in SPARSE_PROVIDERS) + " |")
             print(lines[-1], flush=True)
     finally:
         torch.set_num_threads(previous)
