@@ -63,20 +63,22 @@ const c10::TypedOperatorHandle<DistillInplaceSig>& distill_inplace_op() {
   return op;
 }
 
-// The default chunk: rows of equal count, as few chunks as keep each chunk's logit buffers
-// (the student's, the teacher's when computed from its hidden states, a float32 gradient for
-// float16) within 128 MiB, where a chunk may exceed that by up to 1/8 so that no chunk is a
-// sliver (4096 rows at 682.7 rows per budget: 6 chunks of 683, not 6 of 682 and one of 4).
-// Measured (benchmarks/NOTES.md 21): at 64 MiB, (4096, 128, 49152) lost 11-19 % to the
-// unfused path because the three matmuls of 341-row (682 for bf16) chunks run well below
-// their full-size speed; at 128 MiB the fused path is faster. Still far below the N x C logits
-// of a language model's batch (8192 x 128k float32 = 4 GiB).
-constexpr int64_t kChunkBudgetBytes = int64_t(128) << 20;
+// The default chunk: rows of equal count, as few chunks as keep each C-wide chunk buffer (the
+// student's logits; the teacher's when computed from its hidden states; a separate gradient
+// when the kernel cannot work in place) within 2^26 logits (256 MiB in float32, 128 MiB in
+// bfloat16), where a chunk may exceed that by up to 1/8 so that no chunk is a sliver (4096
+// rows at 1365.3 rows per budget: 3 chunks of 1366, not 3 of 1365 and one of 1). A budget in
+// logits, not bytes, because the matmuls' speed depends on the chunk's row count: measured
+// (benchmarks/NOTES.md 21) at (4096, 128, 49152), chunks of 341-683 rows lost 11-19 % to the
+// unfused path in float32 and bfloat16, and at H = 576, 683-row chunks lost 4-35 % where
+// 1366-row chunks won 2 %. Still far below the N x C logits of a language model's batch
+// (8192 x 128k float32 = 4 GiB).
+constexpr int64_t kChunkBudgetLogits = int64_t(1) << 26;
 
-int64_t default_chunk_rows(int64_t n_rows, int64_t n_cols, int64_t bytes_per_elem) {
+int64_t default_chunk_rows(int64_t n_rows, int64_t n_cols, int64_t buffers) {
   if (n_rows <= 1) return 1;
-  const double row_bytes = double(std::max<int64_t>(1, n_cols * bytes_per_elem));
-  const double budget_rows = std::max(1.0, std::floor(double(kChunkBudgetBytes) / row_bytes));
+  const double row_logits = double(std::max<int64_t>(1, n_cols * buffers));
+  const double budget_rows = std::max(1.0, std::floor(double(kChunkBudgetLogits) / row_logits));
   const int64_t chunks =
       std::max<int64_t>(1, int64_t(std::ceil(double(n_rows) / budget_rows - 0.125)));
   return (n_rows + chunks - 1) / chunks;
@@ -287,9 +289,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
   // The gradient overwrites the chunk's logits, unless their dtype cannot hold it (float16:
   // see grad_dtype in op_common.h; a float64 teacher widens the gradient to float64).
   const bool in_place = compute_grad && dtype != at::kHalf && (dtype == at::kDouble || !wide);
-  const int64_t elem = hidden.element_size() + (given(teacher_hidden) ? hidden.element_size() : 0) +
-                       (compute_grad && !in_place ? 8 : 0);
-  const int64_t rows = chunk_rows > 0 ? chunk_rows : default_chunk_rows(n_rows, n_cols, elem);
+  const int64_t buffers = 1 + (given(teacher_hidden) ? 1 : 0) + (compute_grad && !in_place ? 1 : 0);
+  const int64_t rows = chunk_rows > 0 ? chunk_rows : default_chunk_rows(n_rows, n_cols, buffers);
 
   at::Tensor loss_rows = at::empty({n_rows}, hidden.options().dtype(wide ? at::kDouble : at::kFloat));
   LayerGrads acc;

@@ -87,11 +87,12 @@ def linear_distillation_loss(
             CPU-only for now). For the dense forms ``teacher_temperature`` must be None or
             equal ``temperature``, and ``tail`` is unused.
         chunk_rows: rows per chunk; None splits the rows evenly into as few chunks as keep
-            a chunk's logit buffers (the student's, the teacher's when computed, a float32
-            gradient for float16) within 128 MiB, up to 1/8 more to avoid a sliver of a last
-            chunk; all rows when they fit. The logits buffer is allocated once per call and
-            reused by every chunk (on CPU from kdfast's buffer pool, so already mapped on the
-            next step).
+            each C-wide chunk buffer (the student's logits, the teacher's when computed, a
+            separate gradient for float16) within 2^26 logits (256 MiB in float32), up to 1/8
+            more to avoid a sliver of a last chunk; all rows when they fit. The budget counts
+            logits, not bytes, because the matmuls' speed depends on the rows per chunk. The
+            logits buffer is allocated once per call and reused by every chunk (on CPU from
+            kdfast's buffer pool, so already mapped on the next step).
 
     Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``, never to a
     teacher tensor (one requiring grad raises). With reduction "mean"/"sum" they are computed
