@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV=${KDFAST_VENV:-.venv}
 "$VENV/bin/ruff" check kdfast tests setup.py $([ -d benchmarks ] && echo benchmarks)
-"$VENV/bin/python" -m pytest -q -ra tests "$@"
+"$VENV/bin/python" -m pytest -q -ra --durations=15 tests "$@"

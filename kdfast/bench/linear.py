@@ -184,7 +184,7 @@ def plot_linear(cases, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{c.dtype}\n({c.rows},{c.hidden},{c.cols})" for c, _ in cases]
+    labels = [f"{c.dtype}\nN {c.rows}\nH {c.hidden}\nC {c.cols}" for c, _ in cases]
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.2
     for i, p in enumerate(PROVIDERS[:4]):
