@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "op_common.h"
 
@@ -305,11 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
   // One logits buffer for every chunk, from the CPU buffer pool: a fresh buffer per chunk
   // would be mapped and first-touched each time (as many page faults as the unfused path's
   // N x C logits), and a pooled one is already mapped on the next step.
-  const at::Tensor buffer = empty_output({std::min(rows, n_rows), n_cols}, hidden.options());
-  if (given(teacher_hidden)) {
-    teacher.chunk_buffer = empty_output({std::min(rows, n_rows), n_cols},
-                                        teacher_hidden->options());
-  }
+  const std::vector<int64_t> chunk_shape{std::min(rows, n_rows), n_cols};
+  const at::Tensor buffer = empty_output(chunk_shape, hidden.options());
+  if (given(teacher_hidden)) teacher.chunk_buffer = empty_output(chunk_shape, teacher_hidden->options());
   for (int64_t start = 0; start < n_rows; start += rows) {
     const int64_t len = std::min(rows, n_rows - start);
     const at::Tensor x = hidden.narrow(0, start, len);

@@ -26,11 +26,11 @@ from kdfast.bench import machine
 from kdfast.bench.providers import ALPHA, TEMPERATURE
 from kdfast.bench.report import (
     DTYPES,
-    MEMORY_MALLOC,
     TIMING_MALLOC,
     _peak_extra_bytes,
     _quantile,
     _set_malloc,
+    memory_malloc,
 )
 from kdfast.reference import eager_baseline
 
@@ -103,13 +103,10 @@ def run_linear_case(case: LinearCase, repeats: int, warmup: int = 1) -> None:
             steps[p](*inputs)
             case.times[p].append(time.perf_counter() - start)
     grads = (case.rows * case.hidden + case.cols * case.hidden + case.cols) * dtype.itemsize
-    _set_malloc(*MEMORY_MALLOC)
-    try:
+    with memory_malloc():
         for p in PROVIDERS[:4]:
             peak = _peak_extra_bytes(steps[p], inputs)
             case.memory[p] = None if peak is None else max(0, peak - grads)
-    finally:
-        _set_malloc(*TIMING_MALLOC)
 
 
 def linear_metrics(case: LinearCase) -> dict:

@@ -10,6 +10,7 @@ high-water mark of one step above the resident set before it, reset between prov
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import gc
@@ -70,6 +71,16 @@ def _set_malloc(trim_threshold: int, mmap_threshold: int) -> None:
         libc.mallopt(-3, mmap_threshold)
     except (OSError, AttributeError):  # not glibc: RSS numbers are then approximate
         pass
+
+
+@contextlib.contextmanager
+def memory_malloc():
+    """glibc in the memory-measuring mode for the block, back to the timing mode after it."""
+    _set_malloc(*MEMORY_MALLOC)
+    try:
+        yield
+    finally:
+        _set_malloc(*TIMING_MALLOC)
 
 
 def _reset_high_water() -> bool:
@@ -137,13 +148,10 @@ def run_case(case: Case, repeats: int, warmup: int = 2) -> None:
         # The roofline's exp rate is interleaved with the steps too: on a shared host the
         # core's speed drifts by 2x over minutes, and drift must hit every number alike.
         case.exp_rates.append(machine.exp_rate(EXP_PROBE_SECONDS))
-    _set_malloc(*MEMORY_MALLOC)
-    try:
+    with memory_malloc():
         for p in PROVIDERS:
             case.memory[p] = _peak_extra_bytes(steps[p], inputs)
         case.memory["kdfast_inplace"] = _peak_extra_bytes_inplace(case.kind, inputs)
-    finally:
-        _set_malloc(*TIMING_MALLOC)
 
 
 def _quantile(values: list[float], q: float) -> float:

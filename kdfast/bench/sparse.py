@@ -23,7 +23,7 @@ import torch
 import kdfast
 from kdfast.bench import machine
 from kdfast.bench.providers import ALPHA, TEMPERATURE
-from kdfast.bench.report import MEMORY_MALLOC, TIMING_MALLOC, _peak_extra_bytes, _set_malloc
+from kdfast.bench.report import TIMING_MALLOC, _peak_extra_bytes, _set_malloc, memory_malloc
 from kdfast.reference import sparse_eager_baseline
 
 SPARSE_SHAPES = ((4096, 49152, 64), (1024, 128256, 128))
@@ -88,13 +88,10 @@ def time_sparse_case(rows: int, cols: int, k: int, repeats: int,
             steps[p](*inputs)
             times[p].append(time.perf_counter() - start)
     memory = {}
-    _set_malloc(*MEMORY_MALLOC)
-    try:
+    with memory_malloc():
         for p in SPARSE_PROVIDERS:
             peak = _peak_extra_bytes(steps[p], inputs)
             memory[p] = float("nan") if peak is None else peak / 2**20
-    finally:
-        _set_malloc(*TIMING_MALLOC)
     return times, memory
 
 
