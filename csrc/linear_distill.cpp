@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/mixed_gemm.h"
 #include "op_common.h"
 
 namespace kdfast {
@@ -64,25 +65,39 @@ const c10::TypedOperatorHandle<DistillInplaceSig>& distill_inplace_op() {
   return op;
 }
 
-// The default chunk: rows of equal count, as few chunks as keep each C-wide chunk buffer (the
-// student's logits; the teacher's when computed from its hidden states; a separate gradient
-// when the kernel cannot work in place) within 2^26 logits (256 MiB in float32, 128 MiB in
-// bfloat16), where a chunk may exceed that by up to 1/8 so that no chunk is a sliver (4096
-// rows at 1365.3 rows per budget: 3 chunks of 1366, not 3 of 1365 and one of 1). A budget in
-// logits, not bytes, because the matmuls' speed depends on the chunk's row count: measured
-// (benchmarks/NOTES.md 21) at (4096, 128, 49152), chunks of 341-683 rows lost 11-19 % to the
-// unfused path in float32 and bfloat16, and at H = 576, 683-row chunks lost 4-35 % where
-// 1366-row chunks won 2 %. Still far below the N x C logits of a language model's batch
-// (8192 x 128k float32 = 4 GiB).
+// The default chunk: rows of equal count, as few chunks as keep each chunk within the budget,
+// where a chunk may exceed it by up to 1/8 so that no chunk is a sliver (4096 rows at 1365.3
+// rows per budget: 3 chunks of 1366, not 3 of 1365 and one of 1).
+// - 32/64-bit inputs: each C-wide chunk buffer (the student's logits; the teacher's when
+//   computed from its hidden states; a separate gradient when the kernel cannot work in
+//   place) within 2^26 logits (256 MiB in float32). A budget in logits, not bytes, because
+//   the matmuls' speed depends on the chunk's row count: measured (benchmarks/NOTES.md 21) at
+//   (4096, 128, 49152), chunks of 341-683 rows lost 11-19 % to the unfused path, and at
+//   H = 576 683-row chunks lost 4-35 % where 1366-row chunks won 2 %.
+// - 16-bit inputs with a gradient: 512 rows, or H / 2 when that is more. They also hold the
+//   weight gradient's float32 sum (C x H, twice their .grad) beside the chunk, so the chunk
+//   is kept small; but each chunk re-reads the weight and that sum, and the weight product
+//   reduces over the chunk's rows, so short chunks cost time, more so at large H. Measured
+//   (NOTES.md 22), fused / unfused time and memory: (4096, 576, 49152) bf16, 512 rows 0.86x in
+//   0.23 of the memory, 341 rows 1.08x, 1366 rows 0.77x in 0.34; (2048, 2048, 128256) bf16,
+//   512 rows 1.38x, 1024 rows 1.05x (there the float32 sum alone is twice the unfused
+//   path's extra memory).
+// Still far below the N x C logits of a language model's batch (8192 x 128k float32 = 4 GiB).
 constexpr int64_t kChunkBudgetLogits = int64_t(1) << 26;
+constexpr int64_t kChunkRows16 = 512;
 
-int64_t default_chunk_rows(int64_t n_rows, int64_t n_cols, int64_t buffers) {
+int64_t even_chunk_rows(int64_t n_rows, double budget_rows) {
   if (n_rows <= 1) return 1;
-  const double row_logits = double(std::max<int64_t>(1, n_cols * buffers));
-  const double budget_rows = std::max(1.0, std::floor(double(kChunkBudgetLogits) / row_logits));
-  const int64_t chunks =
-      std::max<int64_t>(1, int64_t(std::ceil(double(n_rows) / budget_rows - 0.125)));
+  const int64_t chunks = std::max<int64_t>(
+      1, int64_t(std::ceil(double(n_rows) / std::max(1.0, budget_rows) - 0.125)));
   return (n_rows + chunks - 1) / chunks;
+}
+
+int64_t default_chunk_rows(int64_t n_rows, int64_t n_cols, int64_t n_hidden, int64_t buffers,
+                           bool sums_16bit) {
+  if (sums_16bit) return even_chunk_rows(n_rows, double(std::max(kChunkRows16, n_hidden / 2)));
+  const double row_logits = double(std::max<int64_t>(1, n_cols * buffers));
+  return even_chunk_rows(n_rows, std::floor(double(kChunkBudgetLogits) / row_logits));
 }
 
 bool given(const Opt& t) { return t.has_value() && t->defined(); }
@@ -233,11 +248,48 @@ at::Tensor chunk_bias_grad(const at::Tensor& g, at::ScalarType acc_dtype) {
   return at::sum(g, 0).to(acc_dtype);
 }
 
+// The bfloat16 CPU path of add_chunk_grads: the three products by MKL's mixed gemm where torch
+// carries it (cpu/mixed_gemm.h), each in float32 with the uniform scale as alpha. The weight
+// and bias sums (from the buffer pool, as the chunk buffer is) take each chunk's product
+// without rounding it to bfloat16 first, and no C x H temporaries exist; the hidden gradient
+// is rounded once from float32. Measured (benchmarks/NOTES.md 22): g^T x 1.7-2x faster than
+// ATen's bfloat16 product, g w 1.5x at 586 rows, the bias's g^T 1 4x faster than at::sum.
+// False when unavailable: the generic path runs.
+bool add_chunk_grads_mixed(LayerGrads& acc, const at::Tensor& g, const at::Tensor& x,
+                           const at::Tensor& w, int64_t start, const at::Tensor& uniform) {
+  const int64_t rows = g.size(0), n_cols = w.size(0), n_hidden = w.size(1);
+  if (!g.is_cpu() || g.scalar_type() != at::kBFloat16 || x.scalar_type() != at::kBFloat16 ||
+      !cpu::mixed_gemm_available() || !cpu::fits_blas_int({rows, n_cols, n_hidden})) {
+    return false;
+  }
+  const float scale = uniform.defined() ? uniform.item<float>() : 1.0f;
+  // BLAS skips the products when alpha is 0, so a non-finite g would not reach the result:
+  // such scales take the generic path, which propagates them as the unfused path does.
+  if (scale == 0.0f || !std::isfinite(scale)) return false;
+  const at::TensorOptions wide = g.options().dtype(at::kFloat);
+  const at::Tensor gc = g.contiguous(), xc = x.contiguous(), wc = w.contiguous();
+  const bool first = !acc.weight.defined();
+  if (first) {
+    acc.weight = empty_output({n_cols, n_hidden}, wide);
+    if (acc.with_bias) acc.bias = at::empty({n_cols}, wide);
+  }
+  at::Tensor d_x = at::empty({rows, n_hidden}, wide);
+  at::Tensor d_b = acc.with_bias ? acc.bias.view({n_cols, 1}) : at::Tensor();
+  const bool done = cpu::bf16_gemm(d_x, gc, wc, scale, false) &&
+                    cpu::bf16_gemm(acc.weight, gc.t(), xc, scale, !first) &&
+                    (!acc.with_bias ||
+                     cpu::bf16_gemm(d_b, gc.t(), at::ones({rows, 1}, g.options()), scale, !first));
+  TORCH_INTERNAL_ASSERT(done, "bf16_gemm refused contiguous operands that fit");
+  acc.hidden.narrow(0, start, rows).copy_(d_x);
+  return true;
+}
+
 // Adds one chunk's contribution. `g` is d loss_i / d logits for the chunk's rows, already
 // scaled per row when the scale differs between rows; `uniform` (one element, or undefined
 // for 1) scales the chunk's hidden rows instead: N x H values, never the C-wide ones.
 void add_chunk_grads(LayerGrads& acc, const at::Tensor& g, const at::Tensor& x,
                      const at::Tensor& w, int64_t start, const at::Tensor& uniform) {
+  if (add_chunk_grads_mixed(acc, g, x, w, start, uniform)) return;
   // float16 rows come back in float32 (see op_common.h's grad_dtype): multiply in float32.
   const at::Tensor wm = g.scalar_type() == w.scalar_type() ? w : w.to(g.scalar_type());
   at::Tensor xm = g.scalar_type() == x.scalar_type() ? x : x.to(g.scalar_type());
@@ -291,7 +343,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distill_fwd(
   // see grad_dtype in op_common.h; a float64 teacher widens the gradient to float64).
   const bool in_place = compute_grad && dtype != at::kHalf && (dtype == at::kDouble || !wide);
   const int64_t buffers = 1 + (given(teacher_hidden) ? 1 : 0) + (compute_grad && !in_place ? 1 : 0);
-  const int64_t rows = chunk_rows > 0 ? chunk_rows : default_chunk_rows(n_rows, n_cols, buffers);
+  const bool sums_16bit = compute_grad && (dtype == at::kBFloat16 || dtype == at::kHalf);
+  const int64_t rows =
+      chunk_rows > 0 ? chunk_rows
+                     : default_chunk_rows(n_rows, n_cols, hidden.size(1), buffers, sums_16bit);
 
   at::Tensor loss_rows = at::empty({n_rows}, hidden.options().dtype(wide ? at::kDouble : at::kFloat));
   LayerGrads acc;

@@ -8,6 +8,7 @@
 
 #include "cpu/buffer_pool.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/mixed_gemm.h"
 
 #ifndef KDFAST_CUDA_ARCHS
 #define KDFAST_CUDA_ARCHS ""
@@ -52,6 +53,8 @@ PYBIND11_MODULE(_C, m) {
         for (auto isa : kdfast::cpu::supported_isas()) supported.emplace_back(kdfast::cpu::isa_name(isa));
         info["cpu_isas_supported"] = supported;
         info["cpu_isa_selected"] = std::string(kdfast::cpu::isa_name(kdfast::cpu::selected_isa()));
+        // bfloat16 output-layer gradients summed in float32 by MKL (kdfast/linear.py)
+        info["mixed_bf16_gemm"] = kdfast::cpu::mixed_gemm_available();
 #ifdef _OPENMP
         info["openmp"] = true;
 #else

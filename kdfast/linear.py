@@ -88,8 +88,10 @@ def linear_distillation_loss(
             equal ``temperature``, and ``tail`` is unused.
         chunk_rows: rows per chunk; None splits the rows evenly into as few chunks as keep
             each C-wide chunk buffer (the student's logits, the teacher's when computed, a
-            separate gradient for float16) within 2^26 logits (256 MiB in float32), up to 1/8
-            more to avoid a sliver of a last chunk; all rows when they fit. The budget counts
+            separate gradient for float16) within 2^26 logits (256 MiB in float32; 3 * 2^23,
+            48 MiB, for bfloat16/float16 with a gradient, which also hold the weight
+            gradient's float32 sum), up to 1/8 more to avoid a sliver of a last chunk; all
+            rows when they fit. The budget counts
             logits, not bytes, because the matmuls' speed depends on the rows per chunk. The
             logits buffer is allocated once per call and reused by every chunk (on CPU from
             kdfast's buffer pool, so already mapped on the next step).
@@ -98,8 +100,12 @@ def linear_distillation_loss(
     teacher tensor (one requiring grad raises). With reduction "mean"/"sum" they are computed
     during the forward pass (no second pass over the vocabulary) and scaled by grad_output in
     backward; with "none" backward recomputes the chunks with each row's grad_output. No
-    gradient matmul runs under ``torch.no_grad()``. bfloat16/float16 layers: each chunk's
-    weight gradient is a bf16/fp16 matmul, summed over the chunks in float32. Inside
+    gradient matmul runs under ``torch.no_grad()``. bfloat16/float16 layers: the weight and
+    bias gradients are summed over the chunks in float32 and rounded once. On the CPU with
+    bfloat16, where torch carries MKL (``kdfast.build_info()["mixed_bf16_gemm"]``; the
+    x86-64 wheels), MKL's bf16 x bf16 -> float32 gemm computes the three gradient products
+    straight into float32 (``KDFAST_MIXED_GEMM=0`` turns it off); elsewhere each chunk's
+    product is a bf16/fp16 matmul, widened and summed. Inside
     ``torch.autocast`` the layers run in the autocast dtype, as ``F.linear`` would.
     Once-differentiable.
     """

@@ -105,6 +105,63 @@ def test_low_precision_against_the_float64_composition_of_the_same_values(dtype,
         torch.testing.assert_close(g.double() / scale, r / scale, rtol=tol * 4, atol=tol * 4)
 
 
+MIXED_GEMM = kdfast.HAS_EXTENSION and kdfast.build_info().get("mixed_bf16_gemm", False)
+
+
+@pytest.mark.parametrize("mixed_gemm", ["1", "0"])
+@pytest.mark.parametrize(("reduction", "use_bias", "grad_scale"),
+                         [("mean", True, 1.7), ("none", False, 0.6), ("sum", True, 1.0)])
+def test_bfloat16_gradients_with_and_without_the_mixed_gemm(monkeypatch, mixed_gemm, reduction,
+                                                            use_bias, grad_scale):
+    """The bfloat16 CPU gradients by MKL's bf16 x bf16 -> float32 gemm (summed over chunks in
+    float32, grad_output as its alpha) and by the generic ATen path agree with the float64
+    composition of the same values, over chunks that do not divide N, 3-D input."""
+    if mixed_gemm == "1" and not MIXED_GEMM:
+        pytest.skip("torch carries no MKL cblas_gemm_bf16bf16f32")
+    monkeypatch.setenv("KDFAST_MIXED_GEMM", mixed_gemm)
+    h, w, b, th, tw, tb, y = make(batch=(3, 17), hidden=24, classes=300, dtype=torch.bfloat16)
+    (loss, grads), (ref, ref_grads) = fused_and_reference(
+        h, w, b, th, tw, tb, y, form="logits", use_bias=use_bias, grad_scale=grad_scale,
+        temperature=2.0, alpha=0.5, reduction=reduction, chunk_rows=7)
+    torch.testing.assert_close(loss.double(), ref, rtol=3e-2, atol=3e-2)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.bfloat16
+        scale = r.abs().max()
+        torch.testing.assert_close(g.double() / scale, r / scale, rtol=0.1, atol=0.1 / 8)
+
+
+@pytest.mark.skipif(not MIXED_GEMM, reason="torch carries no MKL cblas_gemm_bf16bf16f32")
+def test_bfloat16_gradient_products_go_through_the_mixed_gemm(monkeypatch):
+    h, w, b, th, tw, tb, y = make(batch=(30,), dtype=torch.bfloat16)
+    teacher = F.linear(th, tw, tb)
+
+    def aten_products(setting):
+        monkeypatch.setenv("KDFAST_MIXED_GEMM", setting)
+        params = [t.clone().requires_grad_() for t in (h, w, b)]
+        with torch.profiler.profile() as prof:
+            kdfast.linear_distillation_loss(params[0], params[1], y, student_bias=params[2],
+                                            teacher_logits=teacher, chunk_rows=10).backward()
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+    assert aten_products("1") == 0  # the logits' addmm only; the products by MKL
+    assert aten_products("0") == 6  # hidden and weight products of 3 chunks
+
+
+@pytest.mark.parametrize(("dtype", "hidden", "grad", "chunks"), [
+    (torch.float32, 16, True, 1),      # 1100 x 37 logits: far below the 2^26 budget
+    (torch.bfloat16, 16, False, 1),    # no gradient, no float32 sum: the logits budget
+    (torch.bfloat16, 16, True, 3),     # 512-row chunks (1100 / 512 = 2.1: 3 even chunks)
+    (torch.bfloat16, 1500, True, 2),   # H / 2 = 750 rows per chunk at most
+])
+def test_default_chunks(dtype, hidden, grad, chunks):
+    h, w, b, th, tw, tb, y = make(batch=(1100,), hidden=hidden, dtype=dtype)
+    teacher = F.linear(th, tw, tb)
+    w.requires_grad_(grad)
+    with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+        kdfast.linear_distillation_loss(h, w, y, student_bias=b, teacher_logits=teacher)
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::addmm") == chunks
+
+
 def test_no_gradient_matmul_under_no_grad():
     h, w, b, th, tw, tb, y = make(batch=(30,), dtype=torch.float32)
     w.requires_grad_()
