@@ -123,8 +123,8 @@ struct LinearDistillResult {
 
 // distillation_loss(student_hidden @ student_weight.T + student_bias, teacher logits, target,
 // options) without ever holding the (..., C) student logits: rows are processed chunk_rows at
-// a time (0: even chunks of at most 2^26 logits per buffer, 3 * 2^23 for 16-bit inputs with
-// a gradient, see kdfast/linear.py); each
+// a time (0: even chunks of at most 2^26 logits per buffer, or max(512, H / 2) rows for
+// 16-bit inputs with a gradient, see kdfast/linear.py); each
 // chunk's logits come from a matmul, become their own gradient in the fused kernel, and feed
 // the gradient matmuls. student_hidden (..., H) float32/bfloat16/float16/float64, student_weight (C, H) and
 // student_bias (C,) of the same dtype. Teacher tensors, target and errors as in
