@@ -58,7 +58,7 @@ class LMPreset:
     teacher_batch_size: int = 8
 
 
-_QUICK_TRAIN = LMTrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=6, eval_every=15, eval_sequences=8)
+_QUICK_TRAIN = LMTrainConfig(steps=48, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=12, eval_sequences=8)
 _FULL_TRAIN = LMTrainConfig(steps=600, batch_size=16, lr=3e-3, warmup_steps=40, eval_every=50,
                             eval_sequences=32)
 PRESETS = {
