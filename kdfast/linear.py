@@ -91,8 +91,8 @@ def linear_distillation_loss(
             separate gradient for float16) within 2^26 logits (256 MiB in float32); for
             bfloat16/float16 with a gradient, which also hold the weight gradient's float32
             sum, 512 rows or H / 2 when that is more. Up to 1/8 more to avoid a sliver of a
-            last chunk; all rows when they fit. The budget counts
-            logits, not bytes, because the matmuls' speed depends on the rows per chunk. The
+            last chunk; all rows when they fit. The budgets count rows or logits, not bytes,
+            because the matmuls' speed depends on the rows per chunk. The
             logits buffer is allocated once per call and reused by every chunk (on CPU from
             kdfast's buffer pool, so already mapped on the next step).
 
