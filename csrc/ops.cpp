@@ -11,6 +11,11 @@ TORCH_LIBRARY(kdfast, m) {
   m.def(
       "topk_targets(Tensor teacher_logits, int k, float[] temperatures) "
       "-> (Tensor indices, Tensor logits, Tensor tail_logsumexp)");
+  // The sampled caches' draws (CPU: cpu/inverse_cdf.cpp): per row of (R, C) float32 weights
+  // w >= 0 and (R, n) float64 uniforms u in [0, 1), the (R, n) int64 ids
+  // searchsorted(cumsum(w, float64), min(u * total, nextafter(total, 0)), right=True) clamped
+  // to C - 1, without the float64 cumsum. See kdfast/cache/sparse.py (draw_ids).
+  m.def("inverse_cdf_draws(Tensor weights, Tensor uniforms) -> Tensor");
 
   // Row losses (N,) in float32 (float64 for float64 inputs) and the per-row gradient of
   // loss_i with respect to student_logits (N, C); the gradient is empty when compute_grad is

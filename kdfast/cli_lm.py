@@ -53,22 +53,63 @@ def _cmd_data_lm(args: argparse.Namespace) -> int:
 
 def _cmd_lm_cache(args: argparse.Namespace) -> int:
     from kdfast.lm.data import read_manifest
-    from kdfast.lm.teacher import bare_forward_tokens_per_s, build_lm_cache
+    from kdfast.lm.teacher import bare_forward_tokens_per_s, build_lm_caches
 
     _set_threads(args.threads)
+    outputs = _cache_outputs(args)
     tokens = _train_tokens(args)
     teacher, fingerprint = _teacher(args)
     data_sha = read_manifest(_data_dir(args))["splits"]["train"]["sha256"]
-    stats = build_lm_cache(teacher, tokens, args.out, fingerprint=fingerprint,
-                           dataset_fingerprint=f"{data_sha}:{len(tokens)}", targets=args.targets, k=args.k,
-                           samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
-                           dtype=args.dtype, seed=args.seed, progress=not args.quiet,
-                           overwrite=args.overwrite)
+    stats = build_lm_caches(teacher, tokens, outputs, fingerprint=fingerprint,
+                            dataset_fingerprint=f"{data_sha}:{len(tokens)}", batch_size=args.batch_size,
+                            dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite)
+    report = {str(out): s for out, s in stats.items()}
+    if not args.spec:
+        report = next(iter(report.values()))  # one cache: its statistics at the top level
     if args.measure_overhead:
         probe = tokens[: args.measure_overhead]
-        stats["bare_forward_tokens_per_s"] = bare_forward_tokens_per_s(teacher, probe, args.batch_size)
-    print(json.dumps(stats, indent=2))
+        report["bare_forward_tokens_per_s"] = bare_forward_tokens_per_s(teacher, probe, args.batch_size)
+    print(json.dumps(report, indent=2))
     return 0
+
+
+_SPEC_KEYS = {"k": int, "samples": int, "temperature": float}
+
+
+def _cache_outputs(args: argparse.Namespace) -> dict[Path, dict]:
+    """The caches of one `kdfast lm cache` pass: ``--out`` itself, or ``OUT/NAME`` per ``--spec``."""
+    single = {"--targets": args.targets, "--k": args.k, "--samples": args.samples,
+              "--temperature": args.temperature}
+    if not args.spec:
+        targets = args.targets or "topk"
+        target_args = {"targets": targets, "seed": args.seed,
+                       "k": None if targets == "sampled" else (args.k or 32)}
+        if targets != "topk":
+            target_args.update(samples=args.samples, temperature=args.temperature)
+        return {Path(args.out): target_args}
+    given = [flag for flag, value in single.items() if value is not None]
+    if given:
+        raise ValueError(f"--spec: give each cache's arguments in its spec, not {', '.join(given)} "
+                         "(e.g. --spec topk:k=32 --spec sampled:samples=33,temperature=1)")
+    from kdfast.lm.experiment import CacheSpec
+
+    outputs = {}
+    for text in args.spec:
+        targets, _, rest = text.partition(":")
+        fields = {}
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            if key not in _SPEC_KEYS:
+                raise ValueError(f"--spec {text!r}: unknown key {key!r}; expected KIND[:key=value,...] with "
+                                 f"keys from {sorted(_SPEC_KEYS)}")
+            try:
+                fields[key] = _SPEC_KEYS[key](value)
+            except ValueError:
+                kind = "an int" if _SPEC_KEYS[key] is int else "a number"
+                raise ValueError(f"--spec {text!r}: {key} must be {kind}, got {value!r}") from None
+        spec = CacheSpec(targets, **fields)
+        outputs[Path(args.out) / spec.name] = {"targets": targets, "seed": args.seed, **fields}
+    return outputs
 
 
 def _cmd_lm_train(args: argparse.Namespace) -> int:
@@ -169,12 +210,19 @@ def add_lm_commands(sub, data_sub) -> None:
     cache = lm_sub.add_parser("cache", help="teacher over the training sequences -> token-level sparse cache")
     _common(cache)
     _teacher_args(cache)
-    cache.add_argument("--out", required=True, help="cache directory")
+    cache.add_argument("--out", required=True,
+                       help="cache directory (with --spec: the parent of one directory per spec)")
     cache.add_argument("--sequences", type=int, default=None, help=_SEQUENCES_HELP)
-    cache.add_argument("--targets", choices=("topk", "sampled", "topk+sampled"), default="topk")
-    cache.add_argument("--k", type=int, default=32, help="top-k ids per token (default 32)")
+    cache.add_argument("--targets", choices=("topk", "sampled", "topk+sampled"), default=None,
+                       help="(default topk)")
+    cache.add_argument("--k", type=int, default=None, help="top-k ids per token (default 32)")
     cache.add_argument("--samples", type=int, default=None, help="draws per token (sampled kinds)")
     cache.add_argument("--temperature", type=float, default=None, help="sampling temperature T_s")
+    cache.add_argument("--spec", action="append", default=None, metavar="KIND[:key=value,...]",
+                       help="repeatable: write several caches from one teacher pass, e.g. --spec "
+                       "topk:k=32 --spec sampled:samples=33,temperature=1 (keys k, samples, temperature); "
+                       "each goes to OUT/NAME (topk-k32, sampled-n33, ...) in place of --targets/--k/"
+                       "--samples/--temperature")
     cache.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     cache.add_argument("--seed", type=int, default=0)
     cache.add_argument("--measure-overhead", type=int, default=0, metavar="N",

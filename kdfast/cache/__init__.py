@@ -14,7 +14,7 @@
 See :mod:`kdfast.cache.format` for the directory layout.
 """
 
-from kdfast.cache.build import BuildResult, build_cache
+from kdfast.cache.build import BuildResult, build_cache, build_caches
 from kdfast.cache.ensemble import combine_members
 from kdfast.cache.fingerprint import fingerprint_dataset, fingerprint_module, fingerprint_teachers
 from kdfast.cache.format import CacheCorruptError, CacheError, CacheMismatchError, load_manifest
@@ -28,6 +28,7 @@ __all__ = [
     "CachedDataset",
     "SoftTargetCache",
     "build_cache",
+    "build_caches",
     "combine_members",
     "fingerprint_dataset",
     "fingerprint_module",

@@ -1,11 +1,14 @@
-"""`build_cache`: run the teacher once over a dataset and store its raw logits in shards."""
+"""`build_cache` / `build_caches`: run the teacher once over a dataset and store its logits
+(or sparse targets of them) in checksummed shards, one cache directory per output."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,14 +52,16 @@ MIN_SHARDS = 16
 @dataclass
 class BuildResult:
     """What :func:`build_cache` did: ``rows_computed`` rows ran through the teacher in
-    ``seconds`` (0 when the cache was already complete); ``rows_reused`` came from the shards
-    of an interrupted build."""
+    ``seconds`` (0 when the cache was already complete), of which ``teacher_seconds`` in the
+    teacher's forward (the rest: target extraction, hashing and writing); ``rows_reused`` came
+    from the shards of an interrupted build."""
 
     path: Path
     manifest: dict
     rows_computed: int
     rows_reused: int
     seconds: float
+    teacher_seconds: float = 0.0
 
     @property
     def rows_per_s(self) -> float:
@@ -122,6 +127,7 @@ def build_cache(
     them in its own progress file, and rank 0 writes the one manifest. Shards split on batch
     boundaries, so the cache is byte-identical to a single-process build with the same batch
     size and thread count. A second build into the same directory fails (``build.lock``).
+    :func:`build_caches` writes several caches (say top-k and sampled) from one teacher pass.
 
     Token-level caches: when the teacher maps a ``(B, L)`` batch of token ids to ``(B, L, C)``
     logits (a causal LM; an output object with a ``.logits`` attribute works too), the
@@ -171,15 +177,55 @@ def build_cache(
     Returns:
         A :class:`BuildResult` (manifest, rows computed and reused, seconds, rows/s).
     """
+    target_args = {"targets": targets, "k": k, "samples": samples, "temperature": temperature,
+                   "temperatures": temperatures, "seed": seed}
+    results = build_caches(teacher, dataset, {out_dir: target_args}, dtype=dtype, batch_size=batch_size,
+                           rows_per_shard=rows_per_shard, ensemble=ensemble,
+                           teacher_fingerprint=teacher_fingerprint, dataset_fingerprint=dataset_fingerprint,
+                           device=device, num_workers=num_workers, progress=progress, overwrite=overwrite)
+    return next(iter(results.values()))
+
+
+# The per-cache arguments of build_caches' ``outputs`` (the rest is one teacher pass's).
+OUTPUT_ARGS = ("targets", "k", "samples", "temperature", "temperatures", "seed")
+
+
+def build_caches(
+    teacher: nn.Module | Sequence[nn.Module] | Callable,
+    dataset: Dataset | torch.Tensor,
+    outputs: Mapping[str | Path, Mapping[str, Any]],
+    *,
+    dtype: str | torch.dtype = "float16",
+    batch_size: int = 4096,
+    rows_per_shard: int | None = None,
+    ensemble: str | None = None,
+    teacher_fingerprint: str | None = None,
+    dataset_fingerprint: str | None = None,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[Path, BuildResult]:
+    """Several caches from **one** teacher pass: ``outputs`` maps each cache directory to its
+    target arguments (a dict of :func:`build_cache`'s ``targets``, ``k``, ``samples``,
+    ``temperature``, ``temperatures``, ``seed``; missing keys take build_cache's defaults).
+
+    Every directory is a complete cache of its own, byte-identical to what
+    :func:`build_cache` writes with the same arguments and the same ``rows_per_shard``; the
+    default ``rows_per_shard`` is the smallest of the outputs' defaults, so that all of them
+    share one shard layout. Each directory keeps its own progress and lock: an interrupted
+    build resumes per directory (a shard finished in every directory is not recomputed), and
+    under ``torchrun`` the pass is dealt out as in :func:`build_cache`. The other arguments
+    are build_cache's. Returns one :class:`BuildResult` per directory (``seconds`` is the
+    whole pass's; ``rows_computed`` counts the rows written into that directory).
+    """
     teachers = _as_teachers(teacher, teacher_fingerprint)
     mode = ensemble or ("none" if len(teachers) == 1 else "mean_logits")
-    sparse_args = _sparse_args(targets, mode, k, samples, temperature, temperatures, seed)
-    check_ensemble(mode, len(teachers), None if sparse_args else temperature)
+    outs, sparse_args, pass_temperature = _check_outputs(outputs, mode, len(teachers))
     dtype = dtype_name(dtype)
     if isinstance(dataset, torch.Tensor):
         dataset = TensorDataset(dataset)
-    num_rows = len(dataset)
-    if num_rows == 0:
+    if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to cache")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -196,23 +242,45 @@ def build_cache(
     device = torch.device(device)
     identity = {"teacher": teacher_fingerprint or fingerprint_teachers(teachers),
                 "dataset": dataset_fingerprint}
+    for out in outs:
+        out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as locks:  # held by rank 0 for the whole (possibly multi-process) build
+        distributed.run_on_main(lambda: [locks.enter_context(BuildLock(out)) for out in outs] and None)
+        results = _build_locked(teachers, dataset, outs, sparse_args, mode=mode, dtype=dtype,
+                                batch_size=batch_size, rows_per_shard=rows_per_shard,
+                                temperature=pass_temperature, identity=identity, device=device,
+                                num_workers=num_workers, progress=progress, overwrite=overwrite)
+    return dict(zip(outs, results, strict=True))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = BuildLock(out)  # held by rank 0 for the whole (possibly multi-process) build
-    distributed.run_on_main(lambda: lock.__enter__() and None)
-    try:
-        result = _build_locked(teachers, dataset, out, mode=mode, dtype=dtype, batch_size=batch_size,
-                               rows_per_shard=rows_per_shard, temperature=temperature,
-                               sparse_args=sparse_args, identity=identity, device=device,
-                               num_workers=num_workers, progress=progress, overwrite=overwrite)
-    except BaseException as exc:
-        if distributed.is_main():
-            lock.__exit__(type(exc), exc, None)
-        raise
-    if distributed.is_main():
-        lock.__exit__(None, None, None)
-    return result
+
+def _check_outputs(outputs, mode: str, members: int) -> tuple[list[Path], list[dict | None], float | None]:
+    """build_caches' ``outputs``, checked: the directories, each one's sparse arguments (None
+    for dense) and the teacher pass's temperature (that of ensemble="mean_probs")."""
+    if not isinstance(outputs, Mapping) or not outputs:
+        raise ValueError(f"outputs must be a non-empty mapping of cache directory -> target arguments, "
+                         f"got {outputs!r}")
+    outs, sparse_args, temperatures = [], [], set()
+    for out_dir, args in outputs.items():
+        unknown = sorted(map(str, set(args) - set(OUTPUT_ARGS))) if isinstance(args, Mapping) else None
+        if unknown is None or unknown:
+            raise ValueError(f"outputs[{str(out_dir)!r}] must be a dict with keys from {OUTPUT_ARGS}, got "
+                             f"{args!r}" + (f" (unknown: {unknown})" if unknown else ""))
+        args = {"targets": "dense", "k": None, "samples": None, "temperature": None, "temperatures": None,
+                "seed": 0, **args}
+        sparse = _sparse_args(args["targets"], mode, args["k"], args["samples"], args["temperature"],
+                              args["temperatures"], args["seed"])
+        pass_temperature = None if sparse else args["temperature"]
+        check_ensemble(mode, members, pass_temperature)
+        outs.append(Path(out_dir))
+        sparse_args.append(sparse)
+        temperatures.add(pass_temperature)
+    resolved = [out.resolve() for out in outs]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"outputs: two entries name the same directory ({[str(o) for o in outs]})")
+    if len(temperatures) > 1:
+        raise ValueError(f"outputs: dense caches of ensemble='mean_probs' at different temperatures "
+                         f"({sorted(temperatures, key=str)}) need separate teacher passes")
+    return outs, sparse_args, temperatures.pop()
 
 
 def _as_teachers(teacher, teacher_fingerprint: str | None) -> list:
@@ -258,9 +326,9 @@ def _probe(teachers, dataset, mode, temperature, device) -> torch.Tensor:
     return teacher_logits(teachers, first.unsqueeze(0).to(device), mode, temperature)
 
 
-def _build_locked(teachers, dataset, out: Path, *, mode, dtype, batch_size, rows_per_shard,
-                  temperature, sparse_args, identity, device, num_workers, progress,
-                  overwrite) -> BuildResult:
+def _build_locked(teachers, dataset, outs: list[Path], sparse_args: list[dict | None], *, mode, dtype,
+                  batch_size, rows_per_shard, temperature, identity, device, num_workers, progress,
+                  overwrite) -> list[BuildResult]:
     num_rows = len(dataset)
     modes = [getattr(t, "training", None) for t in teachers]
     for t in teachers:
@@ -268,58 +336,88 @@ def _build_locked(teachers, dataset, out: Path, *, mode, dtype, batch_size, rows
             t.eval()
     try:
         with torch.inference_mode():
-            probe = _probe(teachers, dataset, mode, None if sparse_args else temperature, device)
-            writer = _make_writer(probe, mode, dtype, sparse_args)
+            probe = _probe(teachers, dataset, mode, temperature, device)
+            writers = [_make_writer(probe, mode, dtype, args) for args in sparse_args]
             if rows_per_shard is None:
                 # At most SHARD_BYTES per shard, and at least MIN_SHARDS shards when there are
                 # that many batches: shards are the unit a K-process build deals out, and the
                 # layout must not depend on K (a 1- and a K-process build write the same files).
                 batches = -(-num_rows // batch_size)
-                per_shard = min(SHARD_BYTES // (batch_size * writer.item_bytes), -(-batches // MIN_SHARDS))
+                item_bytes = max(w.item_bytes for w in writers)
+                per_shard = min(SHARD_BYTES // (batch_size * item_bytes), -(-batches // MIN_SHARDS))
                 rows_per_shard = batch_size * max(1, per_shard)
-            config = {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "num_rows": num_rows,
-                "num_classes": writer.num_classes,
-                "dtype": dtype,
-                "teacher_fingerprint": identity["teacher"],
-                "dataset_fingerprint": identity["dataset"] or fingerprint_dataset(dataset),
-                "ensemble": {"mode": mode, "members": len(teachers),
-                             "temperature": None if sparse_args else temperature},
-                "batch_size": batch_size,
-                "rows_per_shard": rows_per_shard,
-                **writer.config(),
-            }
-            done = distributed.run_on_main(_prepare_dir, out, config, overwrite)
-            if done is None:  # already complete
-                manifest = read_json(out / MANIFEST, "manifest")
-                return BuildResult(out, manifest, 0, num_rows, 0.0)
-            reused = sum(s["stop"] - s["start"] for s in done.values())
+            dataset_fingerprint = identity["dataset"] or fingerprint_dataset(dataset)
+            jobs = []
+            for out, writer in zip(outs, writers, strict=True):
+                config = {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "num_rows": num_rows,
+                    "num_classes": writer.num_classes,
+                    "dtype": dtype,
+                    "teacher_fingerprint": identity["teacher"],
+                    "dataset_fingerprint": dataset_fingerprint,
+                    "ensemble": {"mode": mode, "members": len(teachers),
+                                 "temperature": None if writer.sparse else temperature},
+                    "batch_size": batch_size,
+                    "rows_per_shard": rows_per_shard,
+                    **writer.config(),
+                }
+                done = distributed.run_on_main(_prepare_dir, out, config, overwrite)
+                jobs.append(_Job(out, config, writer, done))  # done None: already complete
+            pending = [job for job in jobs if job.done is not None]
+            reused = {job.out: sum(s["stop"] - s["start"] for s in job.done.values()) for job in pending}
             start_time = time.perf_counter()
-            try:
-                _run_shards(teachers, dataset, out, config, done, writer, device, num_workers, progress)
-            except OSError as exc:  # disk full, quota, permissions: finished shards are kept
-                raise CacheError(
-                    f"writing the cache in {out} failed ({exc}); the finished shards are kept: fix "
-                    "the cause (e.g. free disk space) and rerun the same build to resume"
-                ) from exc
-            # Every rank's shards, for the manifest (rank 0) and the result (all ranks).
-            for part in distributed.gather_to_all(done):
-                done.update({int(k): v for k, v in part.items()})
+            teacher_seconds = _run_pass(teachers, dataset, pending, mode, temperature, device, num_workers,
+                                        progress) if pending else 0.0
             seconds = time.perf_counter() - start_time
     finally:
         for t, was_training in zip(teachers, modes, strict=True):
             if isinstance(t, nn.Module):
                 t.train(was_training)
+    for job in pending:
+        shards = [job.done[k] for k in sorted(job.done)]
+        job.manifest = {**job.config, **job.writer.totals(shards), "shards": shards}
+        if distributed.is_main():
+            atomic_write_json(job.out / MANIFEST, job.manifest)
+            _remove_progress(job.out)
+    distributed.barrier()  # no rank returns before the manifests exist
+    return [BuildResult(job.out, job.manifest, num_rows - reused[job.out], reused[job.out], seconds,
+                        teacher_seconds)
+            if job.done is not None else
+            BuildResult(job.out, read_json(job.out / MANIFEST, "manifest"), 0, num_rows, 0.0)
+            for job in jobs]
 
-    shards = [done[k] for k in sorted(done)]
-    manifest = {**config, **writer.totals(shards), "shards": shards}
-    if distributed.is_main():
-        atomic_write_json(out / MANIFEST, manifest)
-        _remove_progress(out)
-    distributed.barrier()  # no rank returns before the manifest exists
-    return BuildResult(out, manifest, num_rows - reused, reused, seconds)
+
+@dataclass
+class _Job:
+    """One output directory of a teacher pass: its config, writer and finished shards by start
+    row (None when the directory already holds the complete cache)."""
+
+    out: Path
+    config: dict
+    writer: Any
+    done: dict[int, dict] | None
+    manifest: dict | None = None
+
+
+def _run_pass(teachers, dataset, jobs: list[_Job], mode, temperature, device, num_workers,
+              progress) -> float:
+    """Runs the missing shards of ``jobs``; returns this rank's seconds in the teacher forward."""
+    try:
+        teacher_seconds = _run_shards(teachers, dataset, jobs, mode, temperature, device, num_workers,
+                                      progress)
+    except OSError as exc:  # disk full, quota, permissions: finished shards are kept
+        where = ", ".join(str(job.out) for job in jobs)
+        raise CacheError(
+            f"writing the cache in {where} failed ({exc}); the finished shards are kept: fix the "
+            "cause (e.g. free disk space) and rerun the same build to resume"
+        ) from exc
+    # Every rank's shards, for the manifest (rank 0) and the result (all ranks).
+    for job in jobs:
+        for part in distributed.gather_to_all(job.done):
+            job.done.update({int(k): v for k, v in part.items()})
+    return teacher_seconds
 
 
 # ------------------------------------------------------------------------ shard writers
@@ -327,6 +425,7 @@ class _DenseWriter:
     """Rows of raw logits in the stored dtype: ``(C,)`` or ``(M, C)`` per item."""
 
     tokens = False
+    sparse = False
 
     def __init__(self, row_shape: tuple[int, ...], dtype: str) -> None:
         self.row_shape, self.dtype = row_shape, dtype
@@ -366,6 +465,8 @@ class _DenseWriter:
 
 class _SparseWriter:
     """Packed sparse records (:mod:`kdfast.cache.sparse`), per item or per token."""
+
+    sparse = True
 
     def __init__(self, spec: SparseSpec, tokens: bool, probe_len: int) -> None:
         self.spec, self.tokens = spec, tokens
@@ -485,49 +586,68 @@ def _pad_sequences(items) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, lengths
 
 
-def _run_shards(teachers, dataset, out: Path, config: dict, done: dict[int, dict], writer,
-                device, num_workers: int, progress: bool) -> None:
+def _run_shards(teachers, dataset, jobs: list[_Job], mode, temperature, device, num_workers: int,
+                progress: bool) -> float:
+    config = jobs[0].config  # every job shares num_rows, batch_size and rows_per_shard
     num_rows, batch_size = config["num_rows"], config["batch_size"]
     rank, world = distributed.rank(), distributed.world_size()
     # Shard j goes to rank j % world: fixed by the shard layout, so a resumed build (with any
-    # number of processes) recomputes exactly the missing shards with the same batches.
-    todo = [r for j, r in enumerate(shard_ranges(num_rows, config["rows_per_shard"]))
-            if j % world == rank and r[0] not in done]
+    # number of processes) recomputes exactly the missing shards with the same batches. A
+    # shard runs through the teacher once, for the directories that lack it.
+    todo = [(r, [job for job in jobs if r[0] not in job.done])
+            for j, r in enumerate(shard_ranges(num_rows, config["rows_per_shard"])) if j % world == rank]
+    todo = [(r, needing) for r, needing in todo if needing]
     if distributed.is_main():
-        atomic_write_json(out / PROGRESS, {"config": config, "shards": [done[k] for k in sorted(done)]})
-    progress_file = out / (PROGRESS if world == 1 else rank_progress_name(rank))
-    mine: dict[int, dict] = {}
+        for job in jobs:
+            atomic_write_json(job.out / PROGRESS,
+                              {"config": job.config, "shards": [job.done[k] for k in sorted(job.done)]})
+    mine: dict[Path, dict[int, dict]] = {job.out: {} for job in jobs}
     if not todo:
-        return
+        return 0.0
     # Batches start at each shard's first row, so a resumed build runs the very same batches.
-    batches = [range(b, min(b + batch_size, stop)) for start, stop in todo
+    batches = [range(b, min(b + batch_size, stop)) for (start, stop), _ in todo
                for b in range(start, stop, batch_size)]
-    collate = _pad_sequences if writer.tokens else None
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate)
-    mode, temperature = config["ensemble"]["mode"], config["ensemble"]["temperature"]
-    bar = tqdm(total=sum(b - a for a, b in todo), unit="row", unit_scale=True,
+    tokens = jobs[0].writer.tokens
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=_pad_sequences if tokens else None)
+    bar = tqdm(total=sum(b - a for (a, b), _ in todo), unit="row", unit_scale=True,
                desc="teacher -> cache" if world == 1 else f"teacher -> cache (rank {rank}/{world})",
                disable=not progress or rank != 0, dynamic_ncols=True)
     shard_iter = iter(todo)
-    start, stop = next(shard_iter)
-    writer.new_shard(stop - start)
-    filled = 0
+    (start, stop), needing = next(shard_iter)
+    for job in needing:
+        job.writer.new_shard(stop - start)
+    filled, teacher_seconds = 0, 0.0
     for rows, batch in zip(batches, loader, strict=True):
-        inputs, lengths = batch if writer.tokens else (_first_input(batch), None)
+        inputs, lengths = batch if tokens else (_first_input(batch), None)
+        started = time.perf_counter()
         logits = teacher_logits(teachers, inputs.to(device), mode, temperature)
-        writer.add(logits, rows, lengths)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the forward's time, not its launch's
+        teacher_seconds += time.perf_counter() - started
+        for job in needing:
+            job.writer.add(logits, rows, lengths)
         filled += len(rows)
         bar.update(len(rows))
         if filled == stop - start:
-            name = shard_name(start, stop)
-            sha, extra = writer.save(out / name)
-            done[start] = mine[start] = {"file": name, "start": start, "stop": stop, "sha256": sha, **extra}
-            recorded = done if world == 1 else mine
-            atomic_write_json(progress_file,
-                              {"config": config, "shards": [recorded[k] for k in sorted(recorded)]})
+            for job in needing:
+                _finish_shard(job, start, stop, mine[job.out], world, rank)
             nxt = next(shard_iter, None)
             if nxt is not None:
-                start, stop = nxt
-                writer.new_shard(stop - start)
+                (start, stop), needing = nxt
+                for job in needing:
+                    job.writer.new_shard(stop - start)
             filled = 0
     bar.close()
+    return teacher_seconds
+
+
+def _finish_shard(job: _Job, start: int, stop: int, mine: dict[int, dict], world: int, rank: int) -> None:
+    """Saves ``job``'s shard [start, stop) and records it in the directory's progress file."""
+    name = shard_name(start, stop)
+    sha, extra = job.writer.save(job.out / name)
+    job.done[start] = mine[start] = {"file": name, "start": start, "stop": stop, "sha256": sha, **extra}
+    recorded = job.done if world == 1 else mine
+    progress_file = job.out / (PROGRESS if world == 1 else rank_progress_name(rank))
+    shards = [recorded[k] for k in sorted(recorded)]
+    atomic_write_json(progress_file, {"config": job.config, "shards": shards})

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast.cache import build_cache
+from kdfast.cache import build_caches
 from kdfast.lm.train import TokenSequences
 
 
@@ -54,24 +54,44 @@ def build_lm_cache(teacher: TeacherLogits, tokens: np.ndarray, out_dir: str | Pa
                    dtype: str = "float16", seed: int = 0, progress: bool = True,
                    overwrite: bool = False) -> dict:
     """The token-level sparse cache of ``teacher`` over the sequences ``tokens`` (rows of
-    ``(n, L)``), via :func:`kdfast.cache.build_cache`; returns the build's statistics
-    (tokens/s, bytes per token, and the dense float16 cache's bytes per token)."""
-    sparse_args = {"k": k} if targets == "topk" else {"samples": samples, "temperature": temperature}
-    if targets == "topk+sampled":
-        sparse_args["k"] = k
+    ``(n, L)``): :func:`build_lm_caches` with one output."""
+    # k defaults to 32 for "topk"; a "sampled" cache takes no k, a "topk" one no sampling arguments.
+    target_args = {"targets": targets, "seed": seed, "k": None if targets == "sampled" else k}
+    if targets != "topk":
+        target_args.update(samples=samples, temperature=temperature)
+    stats = build_lm_caches(teacher, tokens, {out_dir: target_args}, fingerprint=fingerprint,
+                            dataset_fingerprint=dataset_fingerprint, batch_size=batch_size, dtype=dtype,
+                            progress=progress, overwrite=overwrite)
+    return next(iter(stats.values()))
+
+
+def build_lm_caches(teacher: TeacherLogits, tokens: np.ndarray, outputs: dict, *, fingerprint: str,
+                    dataset_fingerprint: str, batch_size: int = 8, dtype: str = "float16",
+                    progress: bool = True, overwrite: bool = False) -> dict[Path, dict]:
+    """Token-level sparse caches of ``teacher`` over the sequences ``tokens`` (rows of ``(n, L)``)
+    from one teacher pass (:func:`kdfast.cache.build_caches`; ``outputs`` maps each directory to
+    its target arguments, e.g. ``{"topk": {"targets": "topk", "k": 32}}``). Returns each
+    directory's statistics: tokens/s of the pass (all outputs together), the pass's time over
+    its teacher forwards alone (``overhead``: target extraction, hashing and writing, measured
+    in the same run), bytes per token, and the dense float16 cache's bytes per token."""
     # About 16 shards (the unit of a torchrun build), on batch boundaries.
     rows_per_shard = max(1, len(tokens) // (16 * batch_size)) * batch_size
-    result = build_cache(teacher, TokenSequences(tokens), out_dir, targets=targets, batch_size=batch_size,
-                         rows_per_shard=rows_per_shard, dtype=dtype, seed=seed,
-                         teacher_fingerprint=fingerprint, dataset_fingerprint=dataset_fingerprint,
-                         progress=progress, overwrite=overwrite, **sparse_args)
+    results = build_caches(teacher, TokenSequences(tokens), outputs, batch_size=batch_size,
+                           rows_per_shard=rows_per_shard, dtype=dtype, teacher_fingerprint=fingerprint,
+                           dataset_fingerprint=dataset_fingerprint, progress=progress, overwrite=overwrite)
     num_tokens = int(tokens.size)
-    shard_bytes = sum((Path(out_dir) / s["file"]).stat().st_size for s in result.manifest["shards"])
-    computed = result.rows_computed * tokens.shape[1]
-    return {"tokens": num_tokens, "tokens_computed": computed, "seconds": result.seconds,
-            "tokens_per_s": computed / result.seconds if result.seconds else None,
-            "bytes_per_token": shard_bytes / num_tokens,
-            "dense_fp16_bytes_per_token": 2 * result.manifest["num_classes"]}
+    stats = {}
+    for out, result in results.items():
+        shard_bytes = sum((out / s["file"]).stat().st_size for s in result.manifest["shards"])
+        computed = result.rows_computed * tokens.shape[1]
+        stats[out] = {"tokens": num_tokens, "tokens_computed": computed, "seconds": result.seconds,
+                      "tokens_per_s": computed / result.seconds if result.seconds else None,
+                      "teacher_seconds": result.teacher_seconds,
+                      "overhead": (result.seconds / result.teacher_seconds - 1
+                                   if result.teacher_seconds else None),
+                      "bytes_per_token": shard_bytes / num_tokens,
+                      "dense_fp16_bytes_per_token": 2 * result.manifest["num_classes"]}
+    return stats
 
 
 @torch.inference_mode()
