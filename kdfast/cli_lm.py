@@ -81,12 +81,10 @@ def _cache_outputs(args: argparse.Namespace) -> dict[Path, dict]:
     single = {"--targets": args.targets, "--k": args.k, "--samples": args.samples,
               "--temperature": args.temperature}
     if not args.spec:
-        targets = args.targets or "topk"
-        target_args = {"targets": targets, "seed": args.seed,
-                       "k": None if targets == "sampled" else (args.k or 32)}
-        if targets != "topk":
-            target_args.update(samples=args.samples, temperature=args.temperature)
-        return {Path(args.out): target_args}
+        from kdfast.lm.teacher import lm_target_args
+
+        return {Path(args.out): lm_target_args(args.targets or "topk", args.k or 32, args.samples,
+                                               args.temperature, args.seed)}
     given = [flag for flag, value in single.items() if value is not None]
     if given:
         raise ValueError(f"--spec: give each cache's arguments in its spec, not {', '.join(given)} "

@@ -203,22 +203,27 @@ def draw_ids(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     On the CPU the compiled ``kdfast::inverse_cdf_draws`` gives the same ids without the
     ``(R, C)`` float64 cumsum (its running sum is the same left-to-right float64 sum); else
     :func:`draw_ids_composite`."""
-    w = _weights(log_weights)
-    if w.is_cpu and _has_draws_op():
-        return torch.ops.kdfast.inverse_cdf_draws(w, u.to(torch.float64))
-    return _search_cdf(w, u)
+    return _draw(log_weights, log_weights.amax(-1, keepdim=True), u)
 
 
 def draw_ids_composite(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """:func:`draw_ids` from torch operations alone (the compiled op's oracle, and the path on
     other devices)."""
-    return _search_cdf(_weights(log_weights), u)
+    return _search_cdf(_weights(log_weights, log_weights.amax(-1, keepdim=True)), u)
 
 
-def _weights(log_weights: torch.Tensor) -> torch.Tensor:
+def _draw(log_weights: torch.Tensor, row_max: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`draw_ids` given the rows' max (the sampler needs it too: one pass, not two)."""
+    w = _weights(log_weights, row_max)
+    if w.is_cpu and _has_draws_op():
+        return torch.ops.kdfast.inverse_cdf_draws(w, u.to(torch.float64))
+    return _search_cdf(w, u)
+
+
+def _weights(log_weights: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     """exp(log_weights - row max) in float32; a row of -inf only gives zeros."""
     # In place on the difference: a second fresh (R, C) buffer costs more in page faults than the exp.
-    return (log_weights - log_weights.amax(-1, keepdim=True).clamp(min=-3e38)).exp_()
+    return (log_weights - row_max.clamp(min=-3e38)).exp_()
 
 
 def _search_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -259,9 +264,10 @@ def _sample(spec: SparseSpec, log_w: torch.Tensor, keys: torch.Tensor) -> tuple[
     ids, counts = [], []
     for lo in range(0, len(log_w), chunk):
         part = log_w[lo:lo + chunk]
+        row_max = part.amax(-1, keepdim=True)
         u = uniforms(spec.seed, keys[lo:lo + chunk], spec.samples)
-        d, c = count_distinct(draw_ids(part, u), spec.sample_slots)
-        empty = part.amax(-1, keepdim=True) == -math.inf  # a tail without mass
+        d, c = count_distinct(_draw(part, row_max, u), spec.sample_slots)
+        empty = row_max == -math.inf  # a tail without mass
         ids.append(d.masked_fill(empty, 0))
         counts.append(c.masked_fill(empty, 0))
     return torch.cat(ids), torch.cat(counts)

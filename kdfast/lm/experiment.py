@@ -121,11 +121,10 @@ def _build_caches(preset: LMPreset, teacher, fingerprint: str, tokens: np.ndarra
     return _stored(out / "caches.json", build)
 
 
-def _bare_forward(preset: LMPreset, teacher, tokens: np.ndarray, out: Path) -> float:
-    """The teacher forward alone over two batches: the cache build's baseline."""
+def _bare_forward(preset: LMPreset, teacher, probe: np.ndarray, out: Path) -> float:
+    """The teacher forward alone over ``probe``: the cache build's baseline."""
     from kdfast.lm.teacher import bare_forward_tokens_per_s
 
-    probe = tokens[: 2 * preset.teacher_batch_size]  # keep in step with bare_forward_tokens
     return _stored(out / "bare-forward.json",
                    lambda: bare_forward_tokens_per_s(teacher, probe, preset.teacher_batch_size))
 
@@ -142,9 +141,10 @@ def _teacher_stage(preset: LMPreset, root: Path, out: Path, tokens: np.ndarray, 
         teacher_eval = _stored(out / "teacher-test.json", lambda: evaluate_lm(teacher, test))
     fingerprint = teacher_fingerprint(root / "teacher", torch.bfloat16)
     caches = _build_caches(preset, teacher, fingerprint, tokens, out, train_sha, progress)
+    probe = tokens[: 2 * preset.teacher_batch_size]  # two batches
     return {"teacher_test": teacher_eval, "caches": caches,
-            "teacher_forward_tokens_per_s": _bare_forward(preset, teacher, tokens, out),
-            "bare_forward_tokens": int(tokens[: 2 * preset.teacher_batch_size].size)}
+            "teacher_forward_tokens_per_s": _bare_forward(preset, teacher, probe, out),
+            "bare_forward_tokens": int(probe.size)}
 
 
 def _student_stage(preset: LMPreset, student_cfg: StudentConfig, tokens: np.ndarray, valid: np.ndarray,

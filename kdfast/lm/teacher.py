@@ -55,14 +55,22 @@ def build_lm_cache(teacher: TeacherLogits, tokens: np.ndarray, out_dir: str | Pa
                    overwrite: bool = False) -> dict:
     """The token-level sparse cache of ``teacher`` over the sequences ``tokens`` (rows of
     ``(n, L)``): :func:`build_lm_caches` with one output."""
-    # k defaults to 32 for "topk"; a "sampled" cache takes no k, a "topk" one no sampling arguments.
-    target_args = {"targets": targets, "seed": seed, "k": None if targets == "sampled" else k}
-    if targets != "topk":
-        target_args.update(samples=samples, temperature=temperature)
+    target_args = lm_target_args(targets, k, samples, temperature, seed)
     stats = build_lm_caches(teacher, tokens, {out_dir: target_args}, fingerprint=fingerprint,
                             dataset_fingerprint=dataset_fingerprint, batch_size=batch_size, dtype=dtype,
                             progress=progress, overwrite=overwrite)
     return next(iter(stats.values()))
+
+
+def lm_target_args(targets: str, k: int | None, samples: int | None, temperature: float | None,
+                   seed: int) -> dict:
+    """One cache's target arguments for :func:`build_lm_caches` from the single-cache options
+    (``kdfast lm cache --targets``): a "sampled" cache takes no k, a "topk" one no sampling
+    arguments, so each kind ignores the options of the others."""
+    args = {"targets": targets, "seed": seed, "k": None if targets == "sampled" else k}
+    if targets != "topk":
+        args.update(samples=samples, temperature=temperature)
+    return args
 
 
 def build_lm_caches(teacher: TeacherLogits, tokens: np.ndarray, outputs: dict, *, fingerprint: str,
