@@ -177,7 +177,7 @@ def _train_command(args: argparse.Namespace) -> int:
     loss = _train_loss(args, teacher) if teacher else None
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       seed=args.seed, weight_decay=args.weight_decay, warmup_epochs=args.warmup,
-                      clip_grad_norm=args.clip_grad_norm)
+                      clip_grad_norm=args.clip_grad_norm, max_norm=args.max_norm)
     import torch
 
     torch.manual_seed(args.seed)
@@ -398,6 +398,9 @@ def add_commands(sub) -> None:
     train.add_argument("--clip-grad-norm", type=float, default=None, metavar="NORM",
                        help="clip the gradient's global norm (default off; 5 steadies T=20 from a "
                        "confident teacher)")
+    train.add_argument("--max-norm", type=float, default=None, metavar="NORM",
+                       help="after each step, scale every unit's incoming weights to L2 norm <= NORM "
+                       "(default off; pairs with dropout, Hinton et al. 2012)")
     train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="(default sgd, Nesterov)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="(default 0)")
     train.add_argument("--seed", type=int, default=0, help="(default 0)")

@@ -243,7 +243,10 @@ class TrainConfig:
     soft term, whose gradients grow with the teacher's logits, from wrecking the student);
     ``clip_grad_norm``: rescale the gradient to at most this global L2 norm (None: off; with
     T**2 scaling the soft term's early gradients grow like T times the teacher's logits, so
-    high-T distillation from a confident teacher needs it); ``max_batches``: cap on batches
+    high-T distillation from a confident teacher needs it); ``max_norm``: after every step,
+    scale each unit's incoming weight vector (each row of every ``nn.Linear`` weight) back to
+    at most this L2 norm (None: off), the max-norm constraint that Hinton et al. (2012) pair
+    with dropout: it bounds the weights however large the learning rate; ``max_batches``: cap on batches
     per epoch (timing runs, smoke tests); ``eval_every``: evaluate every k epochs (and after
     the last).
     """
@@ -257,6 +260,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     clip_grad_norm: float | None = None
+    max_norm: float | None = None
     seed: int = 0
     max_batches: int | None = None
     eval_every: int = 1
@@ -279,6 +283,8 @@ class TrainConfig:
         if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm)
                                                     and self.clip_grad_norm > 0):
             raise ValueError(f"clip_grad_norm must be None or > 0, got {self.clip_grad_norm!r}")
+        if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
+            raise ValueError(f"max_norm must be None or > 0, got {self.max_norm!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
 
@@ -609,6 +615,8 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
         if cfg.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
         optimizer.step()
+        if cfg.max_norm is not None:
+            _apply_max_norm(student, cfg.max_norm)
         scheduler.step()
         total += float(value.detach()) * len(x)
         rows += len(x)
@@ -623,6 +631,15 @@ def _train_epoch(student, data, source, loss, cfg, optimizer, scheduler, augment
     seconds = time.perf_counter() - t0
     return {"epoch": epoch + 1, "train_loss": total / max(rows, 1), "lr": optimizer.param_groups[0]["lr"],
             "seconds": seconds, "rows_per_s": rows / seconds if seconds > 0 else 0.0}
+
+
+@torch.no_grad()
+def _apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Scales every ``nn.Linear`` weight row (one unit's incoming weights) whose L2 norm
+    exceeds ``max_norm`` back onto that sphere; rows inside it are left bit-identical."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.renorm_(2, 0, max_norm)
 
 
 def _epoch_order(data: Dataset, cfg: TrainConfig, epoch: int, seed: int) -> torch.Tensor:

@@ -203,7 +203,8 @@ def test_experiment_end_to_end_on_synthetic_mnist(tmp_path, fake_md5):
     assert {"quick", "paper"} <= set(PRESETS)
     directory = fake_md5(tmp_path / "m", compress=True)
     tiny = Preset("tiny", teacher_epochs=2, student_epochs=1, sweep_epochs=1, batch_size=32,
-                  sweep_temperatures=(2.0, 8.0), speed_batches=1)
+                  sweep_temperatures=(2.0, 8.0), speed_batches=1, teacher_input_dropout=0.1,
+                  teacher_max_norm=0.5)
     logs = []
     results = run_mnist(tiny, out_dir=tmp_path / "run", data_dir=directory, progress=False, log=logs.append)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -216,6 +217,11 @@ def test_experiment_end_to_end_on_synthetic_mnist(tmp_path, fake_md5):
     for png in ("errors_per_epoch.png", "temperature_sweep.png"):
         assert (tmp_path / "run" / png).read_bytes()[:4] == b"\x89PNG"
     assert "| teacher 784-1200-1200-10" in format_table(results) and "| 67 |" in format_table(results)
+    # The teacher trained under the preset's regularizers: input dropout and max-norm.
+    ckpt = torch.load(tmp_path / "run" / "teacher" / "checkpoint.pt", weights_only=True)
+    assert ckpt["model_spec"]["input_dropout"] == 0.1 and ckpt["run_config"]["train"]["max_norm"] == 0.5
+    weights = [w for k, w in ckpt["state_dict"].items() if k.endswith("weight")]
+    assert len(weights) == 3 and all(w.norm(dim=1).max() <= 0.5 * (1 + 1e-6) for w in weights)
     # A second run resumes every stage from its checkpoint: same numbers, cache stats kept.
     again = run_mnist(tiny, out_dir=tmp_path / "run", data_dir=directory, progress=False, plot=False,
                       log=logs.append)

@@ -16,6 +16,7 @@ from kdfast.train import (
     CachedTeacher,
     LiveTeacher,
     TrainConfig,
+    _apply_max_norm,
     evaluate,
     fit,
     load_checkpoint,
@@ -297,7 +298,9 @@ def test_argument_errors(tmp_path, toy):
                           ({"optimizer": "lbfgs"}, "optimizer must be"),
                           ({"max_batches": 0}, "max_batches"),
                           ({"epochs": 2, "warmup_epochs": 3}, "warmup_epochs must be in"),
-                          ({"clip_grad_norm": 0.0}, "clip_grad_norm must be")):
+                          ({"clip_grad_norm": 0.0}, "clip_grad_norm must be"),
+                          ({"max_norm": 0.0}, "max_norm must be None or > 0"),
+                          ({"max_norm": float("inf")}, "max_norm must be None or > 0")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kwargs)
 
@@ -322,6 +325,29 @@ def test_clip_grad_norm_bounds_each_step(toy):
     moved = torch.cat([(a - b).flatten() for a, b in zip(after.parameters(), before.parameters(),
                                                           strict=True)])
     assert 0 < moved.norm() <= 1e-3 * (1 + 1e-5)
+
+
+def test_max_norm_bounds_every_units_incoming_weights(toy):
+    """After a step with a huge learning rate every Linear weight row lies within the max-norm
+    ball; rows already inside it are left exactly as the optimizer wrote them, and biases are
+    never touched."""
+    cfg = dict(epochs=1, batch_size=64, lr=5.0, momentum=0.0, schedule="constant", max_batches=2)
+    free, bounded = student_for(), student_for()
+    fit(free, toy, config=TrainConfig(**cfg), progress=False)
+    fit(bounded, toy, config=TrainConfig(**cfg, max_norm=0.5), progress=False)
+    linears = [m for m in bounded.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.weight.norm(dim=1).max() <= 0.5 * (1 + 1e-6) for m in linears)
+    assert any((m.weight.norm(dim=1) > 0.5).any() for m in free.modules() if isinstance(m, nn.Linear))
+    one = student_for()
+    layers = [m for m in one.modules() if isinstance(m, nn.Linear)]
+    for m in layers:
+        m.weight.data[0] *= 100.0  # one row far outside the ball
+    before = [(m.weight.clone(), m.bias.clone()) for m in layers]
+    bound = 1.01 * float(max(w[1:].norm(dim=1).max() for w, _ in before))
+    _apply_max_norm(one, bound)
+    for (w0, b0), m in zip(before, layers, strict=True):
+        assert torch.equal(m.weight[1:], w0[1:]) and torch.equal(m.bias, b0)
+        assert float(m.weight[0].norm()) == pytest.approx(bound, rel=1e-5)
 
 
 def test_jitter_shifts_by_at_most_two_pixels():
