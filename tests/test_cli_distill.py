@@ -42,8 +42,9 @@ def test_train_cache_verify_and_distill_on_digits(tmp_path, capsys):
     pytest.importorskip("sklearn")
     teacher_dir, cache_dir, student_dir = tmp_path / "teacher", tmp_path / "cache", tmp_path / "kd"
     code, out, _ = run(capsys, "train", "--data", "digits", "--student", "64-128-10", "--epochs", 3,
-                       "--batch-size", 64, "--lr", 0.05, "--out", teacher_dir, "--quiet")
+                       "--batch-size", 64, "--lr", 0.05, "--max-norm", 2.0, "--out", teacher_dir, "--quiet")
     assert code == 0 and "test errors" in out and (teacher_dir / "checkpoint.pt").exists()
+    assert json.loads((teacher_dir / "metrics.json").read_text())["config"]["train"]["max_norm"] == 2.0
 
     code, out, _ = run(capsys, "cache", "build", "--teacher", teacher_dir, "--data", "digits", "--out",
                        cache_dir, "--batch-size", 256, "--quiet")
@@ -97,6 +98,8 @@ def test_train_cache_verify_and_distill_on_digits(tmp_path, capsys):
         (["mnist", "--data-dir", "/nonexistent/mnist", "--out", "/tmp/x"],
          "kdfast data mnist --dir"),
         (["mnist", "--threads", "0"], "--threads must be >= 1"),
+        (["train", "--data", "digits", "--student", "64-10", "--max-norm", "0", "--out", "/tmp/x"],
+         "max_norm must be None or > 0, got 0.0"),
     ],
 )
 def test_errors_exit_1_with_one_line(capsys, tmp_path, monkeypatch, argv, match):
