@@ -25,9 +25,7 @@ import torch
 
 import kdfast
 from kdfast.data.mnist import load_mnist
-from kdfast.mnist_experiment import PRESETS, STUDENT_SIZES, teacher_and_cache
-from kdfast.models import build_model, mlp_spec
-from kdfast.train import TrainConfig, fit
+from kdfast.mnist_experiment import PRESETS, STUDENT_SIZES, _train_model, teacher_and_cache
 
 # Teacher regularizers: dropout on hidden units, input dropout, max-norm (None: off).
 RECIPES = {
@@ -45,15 +43,13 @@ def run(recipe: str, epochs: int, out: Path) -> dict:
     t0 = time.perf_counter()
     _, teacher_run, _ = teacher_and_cache(preset, train, test, out, progress=False)
     teacher_s = time.perf_counter() - t0
-    torch.manual_seed(0)
-    spec = mlp_spec(STUDENT_SIZES)
-    cfg = TrainConfig(epochs=preset.student_epochs, batch_size=preset.batch_size, lr=preset.student_lr,
-                      warmup_epochs=preset.warmup_epochs, clip_grad_norm=preset.student_clip_grad_norm)
     loss = kdfast.KDLoss(temperature=preset.temperature, alpha=preset.alpha)
     t0 = time.perf_counter()
-    student_run = fit(build_model(spec), train, teacher=out / "cache", loss=loss, config=cfg,
-                      eval_data=test, out_dir=out / "student", model_spec=spec, name="student",
-                      progress=False)
+    # The paper preset's distilled student, trained exactly as run_mnist trains it.
+    _, student_run = _train_model("student", STUDENT_SIZES, train, test, out, epochs=preset.student_epochs,
+                                  lr=preset.student_lr, batch_size=preset.batch_size,
+                                  warmup=preset.warmup_epochs, seed=0, clip=preset.student_clip_grad_norm,
+                                  teacher=out / "cache", loss=loss, progress=False)
     summary = {
         "recipe": recipe, **RECIPES[recipe], "teacher_epochs": epochs, "threads": torch.get_num_threads(),
         "teacher_errors": [h.get("test_errors") for h in teacher_run.history],
